@@ -1,0 +1,58 @@
+"""PGD adversarial training (Madry et al., ICLR 2018).
+
+    min_theta  E_(x,y) [ max_{||delta|| <= eps} CE(f(x + delta), y) ]
+
+The inner maximisation is the shared PGD (:mod:`cfbench.attacks.pgd`): random start,
+``steps`` steps of size ``step_size`` (default 2.5 * eps / steps, Madry et al.'s rule),
+projection onto the ball and clipping to [0, 1], in the run's threat model (Linf or L2).
+
+Choices:
+* the attack runs with the model in eval mode (batch-norm statistics frozen, no dropout),
+  then the model goes back to train mode for the update -- the common choice in
+  RobustBench-era code, stated because Madry et al. leave it open;
+* ``mix`` (default 0 = Madry) optionally adds the clean loss: (1-mix)*adv + mix*clean, as in
+  Goodfellow et al.'s mixed objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from cfbench.defense import Defense
+from cfbench.params import param
+
+
+@dataclass(frozen=True)
+class PGDATParams:
+    steps: int = param(10, "PGD steps of the inner maximisation", ge=1)
+    step_size: float | None = param(None, "PGD step size (default 2.5 * eps / steps)", gt=0)
+    rand_init: bool = param(True, "random start inside the ball")
+    mix: float = param(0.0, "weight of the clean loss: (1-mix)*CE(adv) + mix*CE(clean)", ge=0, le=1)
+
+
+class PGDAT(Defense):
+    """Madry et al. (2018) min-max training on PGD examples, Linf or L2."""
+
+    name = "pgd-at"
+    description = "PGD adversarial training (Madry et al. 2018): min-max on PGD examples, Linf/L2"
+    version = 1
+    family = "adversarial"
+    Params = PGDATParams
+
+    def step_size(self, eps: float) -> float:
+        return self.params.step_size if self.params.step_size is not None else 2.5 * eps / self.params.steps
+
+    def adversarial(self, model, x, y, batch):
+        p = self.params
+        return batch.attack(model, x, y, steps=p.steps, step_size=self.step_size(batch.ctx.threat.eps),
+                            rand_init=p.rand_init)
+
+    def loss(self, model, x, y, batch):
+        x_adv = self.adversarial(model, x, y, batch)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        if self.params.mix > 0:
+            loss = (1 - self.params.mix) * loss + self.params.mix * F.cross_entropy(model(x), y)
+        return loss, logits

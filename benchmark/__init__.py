@@ -1,0 +1,21 @@
+"""cfbench: accuracy / adversarial robustness / membership privacy trade-offs of image classifiers.
+
+The import name is ``cfbench``; the source lives in the repository's ``benchmark/`` folder.
+Data flows one way: config -> data -> model -> defense.fit -> evaluators -> record -> store.
+"""
+
+__version__ = "0.1.0"
+
+#: Version of the plugin API.  A plugin declares ``api_version`` (an int); a plugin whose
+#: major API differs from this one is refused with a clear message.
+PLUGIN_API_VERSION = 1
+
+
+def load_model(run_dir):
+    """Load the final, evaluated model of a finished run (see :func:`cfbench.results.load_model`)."""
+    from .results import load_model as _load
+
+    return _load(run_dir)
+
+
+__all__ = ["__version__", "PLUGIN_API_VERSION", "load_model"]

@@ -1,0 +1,1 @@
+"""cfbench.attacks"""

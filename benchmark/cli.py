@@ -1,0 +1,196 @@
+"""Command-line interface: ``cfbench run | list | leaderboard | report``.
+
+Usage errors (unknown names, bad values, missing datasets) print one clear message naming
+the bad value and the valid choices, and exit with status 2.  A run that fails after it
+started is recorded as failed and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import CfbenchError, PluginError, UsageError
+
+
+def _fmt(m) -> str:
+    if m is None:
+        return "n/a"
+    if isinstance(m, dict):
+        v = m.get("value")
+        if v is None:
+            return "n/a"
+        if m.get("ci_low") is not None:
+            return f"{100 * v:6.2f}%  [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]  n={m.get('n')}"
+        return f"{v:.4g}"
+    if isinstance(m, float):
+        return f"{m:.4g}"
+    return str(m)
+
+
+SUMMARY_KEYS = [
+    ("clean.accuracy", "clean accuracy"),
+    ("robust.pgd.accuracy", "PGD robust accuracy"),
+    ("robust.autoattack.accuracy", "AutoAttack robust accuracy"),
+    ("mia.best.auc", "membership: best AUC"),
+    ("mia.best.tpr_at_fpr.0.01", "membership: best TPR @ 1% FPR"),
+    ("mia.best.tpr_at_fpr.0.001", "membership: best TPR @ 0.1% FPR"),
+    ("dp.epsilon", "DP epsilon"),
+]
+
+
+def print_summary(rec: dict, run_dir: Path, reused: bool) -> None:
+    cfg = rec["config"]
+    print()
+    print(f"run      {rec['run_id']}" + ("   (reused: same config hash, not recomputed)" if reused else ""))
+    print(f"defense  {cfg['defense']['name']}  {cfg['defense']['params']}")
+    print(f"data     {cfg['dataset']['name']}  model {cfg['model']['name']}  threat {cfg['threat']['norm']} "
+          f"eps={cfg['threat']['eps']:.4g}  seed {cfg['seed']}")
+    width = max(len(label) for _, label in SUMMARY_KEYS)
+    metrics = rec.get("metrics", {})
+    print("-" * (width + 40))
+    for key, label in SUMMARY_KEYS:
+        if key in metrics:
+            m = metrics[key]
+            if key.startswith("mia.best.") and isinstance(m, dict) and "attack" in m:
+                print(f"{label:<{width}}  {_fmt(m)}  ({m['attack']})")
+            else:
+                print(f"{label:<{width}}  {_fmt(m)}")
+    t = rec.get("timings", {})
+    print(f"{'time (train / total)':<{width}}  {t.get('train', 0):.1f} s / {t.get('total', 0):.1f} s")
+    for w in rec.get("warnings", []):
+        print(f"warning: {w}")
+    print("-" * (width + 40))
+    print(f"record   {run_dir / 'record.json'}")
+    if rec.get("report"):
+        print(f"report   {rec['report']}")
+
+
+def cmd_run(args) -> int:
+    from .config import make_config, parse_sets
+    from .runner import execute
+
+    evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()] if args.evaluators else None
+    cfg = make_config(dataset=args.dataset, defense=args.defense, model=args.model, seed=args.seed,
+                      sets=parse_sets(args.set), evaluators=evaluators, device=args.device,
+                      data_dir=args.data_dir, download=args.download)
+    progress = not args.quiet
+    try:
+        outcome = execute(cfg, args.out, force=args.force, progress=progress,
+                          log=(lambda *a: print(*a, file=sys.stderr)))
+    except UsageError:
+        raise
+    except CfbenchError as e:
+        print(f"cfbench: run failed: {e}\n  record: {Path(args.out) / cfg.run_id() / 'record.json'}", file=sys.stderr)
+        return 1
+    print_summary(outcome.record, outcome.run_dir, outcome.reused)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import KINDS, LOAD_WARNINGS, list_components
+
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise UsageError(f"unknown component kind {kind!r}. Valid choices: {', '.join(KINDS)}.")
+        rows = list_components(kind)
+        print(f"{kind}s:")
+        for r in rows:
+            src = "" if r["source"].startswith("cfbench ") else f"  [{r['source']}]"
+            print(f"  {r['name']:<16} {r['description']}{src}")
+            if r.get("error"):
+                print(f"      ERROR: {r['error']}")
+            for p in r["params"]:
+                print(f"      {p['name']} = {p['default']!r}  ({p['type']}) {p['help']}")
+        print()
+    if not args.kind:
+        from .config import BASE_SECTIONS
+        from .params import describe
+
+        print("run settings (--set section.key=value, or key=value when unambiguous):")
+        for sec, cls in BASE_SECTIONS.items():
+            for p in describe(cls):
+                print(f"  {sec}.{p['name']} = {p['default']!r}  ({p['type']}) {p['help']}")
+    for w in LOAD_WARNINGS:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="cfbench",
+        description="Benchmark the accuracy / adversarial robustness / membership privacy trade-off "
+                    "of image classifiers under one harness.")
+    p.add_argument("--version", action="version", version=f"cfbench {__version__}")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                   help="load components from a local Python file (repeatable)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="train and evaluate one defense",
+                       description="Train one defense on one dataset and evaluate it; writes OUT/<run-id>/record.json.")
+    r.add_argument("--defense", default="erm", help="defense name (see `cfbench list defense`); default erm")
+    r.add_argument("--dataset", default="digits", help="dataset name; default digits (bundled)")
+    r.add_argument("--model", default=None, help="model name; default: the dataset's default model")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; default cpu")
+    r.add_argument("--seed", type=int, default=0, help="training seed; default 0")
+    r.add_argument("--out", default="runs", help="directory of run folders; default runs/")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="typed hyper-parameter of the defense, training, threat model, data or an evaluator, "
+                        "e.g. --set eps=0.1 --set epochs=20 --set steps=10 (repeatable)")
+    r.add_argument("--evaluators", default=None,
+                   help="comma-separated evaluators; default clean,pgd,autoattack (plus mia when available)")
+    r.add_argument("--data-dir", default=None, help="directory with dataset files (IDX, cifar-10-batches-py)")
+    r.add_argument("--download", action="store_true", help="download the dataset through torchvision if installed")
+    r.add_argument("--force", action="store_true", help="recompute even if a finished run with this config exists")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="registered defenses, datasets, models, attacks and evaluators")
+    ls.add_argument("kind", nargs="?", help="only this kind: defense, dataset, model, attack, evaluator")
+    ls.set_defaults(func=cmd_list)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return p
+
+
+def _extra_commands():
+    """Sub-commands that live in their own modules (leaderboard, report, sweep)."""
+    out = []
+    for mod in ("cfbench.leaderboard", "cfbench.report"):
+        try:
+            m = __import__(mod, fromlist=["add_subparser"])
+        except ImportError:
+            continue
+        out.append(m.add_subparser)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    warnings.simplefilter("default")
+    try:
+        from .registry import load_plugin_file
+
+        for path in args.plugin:
+            load_plugin_file(path)
+        return args.func(args)
+    except (UsageError, PluginError) as e:
+        print(f"cfbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cfbench: interrupted; run the same command again to resume from the last checkpoint.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

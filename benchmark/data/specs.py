@@ -1,0 +1,191 @@
+"""Dataset specs.  Every image is float32 in [0, 1], shape (N, C, H, W); labels int64.
+
+A spec knows its shape, class count, a sensible default model and threat model, and how
+to load the arrays (from a bundled copy, a Debian package or ``--data-dir``).  A missing
+or corrupt dataset raises :class:`~cfbench.errors.DatasetError` saying how to get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import DatasetError
+
+
+@dataclass
+class ArrayDataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    class_names: list[str]
+    source: str
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self):
+        for part in ("x_train", "x_test"):
+            x = getattr(self, part)
+            if x.ndim != 4:
+                raise DatasetError(f"{self.name}: {part} must be (N, C, H, W), got shape {x.shape}.")
+            if x.dtype != np.float32:
+                setattr(self, part, x.astype(np.float32))
+        self.y_train = self.y_train.astype(np.int64)
+        self.y_test = self.y_test.astype(np.int64)
+        if not self.mean:
+            c = self.x_train.shape[1]
+            self.mean = tuple(float(v) for v in self.x_train.transpose(1, 0, 2, 3).reshape(c, -1).mean(1))
+            self.std = tuple(float(v) for v in self.x_train.transpose(1, 0, 2, 3).reshape(c, -1).std(1))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        """sha256 over the arrays: identifies exactly which data a run used."""
+        h = hashlib.sha256()
+        for a in (self.x_train, self.y_train, self.x_test, self.y_test):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+class DatasetSpec:
+    """Base class of dataset components (register under ``cfbench.datasets``)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    api_version: ClassVar[int] = 1
+    shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
+    num_classes: ClassVar[int] = 10
+    default_model: ClassVar[str] = "cnn28"
+    #: default threat model: Linf radius (and L2 radius when --set norm=L2)
+    default_eps: ClassVar[float] = 0.1
+    default_eps_l2: ClassVar[float] = 1.0
+    #: augmentation family for training / MIA query augmentations: "none", "shift" or "flip-shift"
+    augmentation: ClassVar[str] = "shift"
+    #: default training recipe (overridable with --set)
+    default_epochs: ClassVar[int] = 10
+    default_batch_size: ClassVar[int] = 128
+    default_lr: ClassVar[float] = 0.05
+    #: how to get the data when it is missing (shown in the error)
+    how_to_get: ClassVar[str] = ""
+
+    def load(self, data_dir: str | Path | None = None, download: bool = False) -> ArrayDataset:
+        raise NotImplementedError
+
+
+class Digits(DatasetSpec):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), split 1,297 / 500 (seeded)."""
+
+    name = "digits"
+    description = "scikit-learn's bundled 8x8 digits (1,797 images; fixed 1,297/500 train/test split)"
+    shape = (1, 8, 8)
+    default_model = "cnn8"
+    default_eps = 0.1
+    default_eps_l2 = 0.5
+    augmentation = "shift"
+    default_epochs = 30
+    default_batch_size = 64
+    default_lr = 0.05
+    how_to_get = "it ships with scikit-learn (pip install scikit-learn)."
+    #: the train/test split of digits is fixed by this seed (the set has no official split)
+    split_seed = 0
+    n_test = 500
+
+    def load(self, data_dir=None, download=False) -> ArrayDataset:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+        y = d.target.astype(np.int64)
+        perm = np.random.default_rng(self.split_seed).permutation(len(x))
+        test, train = perm[: self.n_test], perm[self.n_test:]
+        return ArrayDataset(self.name, x[train], y[train], x[test], y[test], 10,
+                            [str(i) for i in range(10)], "sklearn.datasets.load_digits")
+
+
+def _formats():
+    from . import formats
+    return formats
+
+
+class FashionMNIST(DatasetSpec):
+    """Fashion-MNIST (Xiao et al. 2017): 60k/10k 28x28 greyscale, from IDX files."""
+
+    name = "fashion-mnist"
+    description = "Fashion-MNIST 28x28 (60k/10k) from the Debian package dataset-fashion-mnist or --data-dir"
+    shape = (1, 28, 28)
+    default_model = "cnn28"
+    default_eps = 0.1
+    default_eps_l2 = 1.5
+    augmentation = "shift"
+    default_epochs = 15
+    how_to_get = ("install the Debian package: `apt-get install dataset-fashion-mnist` (it puts the IDX "
+                  "files in /usr/share/datasets/fashion-mnist), or pass --data-dir DIR with "
+                  "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
+                  "and t10k-labels-idx1-ubyte[.gz].")
+    class_names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+
+    def load(self, data_dir=None, download=False) -> ArrayDataset:
+        return _formats().load_mnist_like(self, data_dir, download)
+
+
+class MNIST(DatasetSpec):
+    """MNIST (LeCun et al.): 60k/10k 28x28 greyscale, from IDX files in --data-dir."""
+
+    name = "mnist"
+    description = "MNIST 28x28 (60k/10k) from IDX files in --data-dir"
+    shape = (1, 28, 28)
+    default_model = "cnn28"
+    default_eps = 0.3
+    default_eps_l2 = 2.0
+    augmentation = "shift"
+    default_epochs = 10
+    how_to_get = ("pass --data-dir DIR containing train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+                  "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] (the original IDX files), "
+                  "or add --download if torchvision is installed.")
+    class_names = [str(i) for i in range(10)]
+
+    def load(self, data_dir=None, download=False) -> ArrayDataset:
+        return _formats().load_mnist_like(self, data_dir, download)
+
+
+class CIFAR10(DatasetSpec):
+    """CIFAR-10 (Krizhevsky 2009): 50k/10k 32x32 colour, from cifar-10-batches-py."""
+
+    name = "cifar10"
+    description = "CIFAR-10 32x32 (50k/10k) from cifar-10-batches-py in --data-dir"
+    shape = (3, 32, 32)
+    num_classes = 10
+    default_model = "preact-resnet18"
+    default_eps = 8 / 255
+    default_eps_l2 = 0.5
+    augmentation = "flip-shift"
+    default_epochs = 30
+    default_lr = 0.1
+    how_to_get = ("pass --data-dir DIR containing the extracted `cifar-10-batches-py` folder (from "
+                  "cifar-10-python.tar.gz), or add --download if torchvision is installed.")
+    class_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def load(self, data_dir=None, download=False) -> ArrayDataset:
+        return _formats().load_cifar(self, data_dir, download)
+
+
+class CIFAR100(CIFAR10):
+    """CIFAR-100 (Krizhevsky 2009): 50k/10k 32x32 colour, 100 fine classes, from cifar-100-python."""
+
+    name = "cifar100"
+    description = "CIFAR-100 32x32 (50k/10k, 100 classes) from cifar-100-python in --data-dir"
+    num_classes = 100
+    how_to_get = ("pass --data-dir DIR containing the extracted `cifar-100-python` folder (from "
+                  "cifar-100-python.tar.gz), or add --download if torchvision is installed.")
+    class_names = []  # read from the meta file
