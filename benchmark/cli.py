@@ -86,17 +86,22 @@ def cmd_run(args) -> int:
         print(f"cfbench: run failed: {e}\n  record: {Path(args.out) / cfg.run_id() / 'record.json'}", file=sys.stderr)
         return 1
     print_summary(outcome.record, outcome.run_dir, outcome.reused)
+    from .report import report_after_run  # <run-dir>/report.html; a failure only warns
+
+    report_after_run(outcome.run_dir)
     return 0
 
 
 def cmd_list(args) -> int:
-    from .registry import KINDS, LOAD_WARNINGS, list_components
+    from .registry import KINDS, LOAD_WARNINGS, PluginWarning, list_components
 
     kinds = [args.kind] if args.kind else list(KINDS)
     for kind in kinds:
         if kind not in KINDS:
             raise UsageError(f"unknown component kind {kind!r}. Valid choices: {', '.join(KINDS)}.")
-        rows = list_components(kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)  # collected in LOAD_WARNINGS, printed once below
+            rows = list_components(kind)
         print(f"{kind}s:")
         for r in rows:
             src = "" if r["source"].startswith("cfbench ") else f"  [{r['source']}]"
@@ -153,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered defenses, datasets, models, attacks and evaluators")
     ls.add_argument("kind", nargs="?", help="only this kind: defense, dataset, model, attack, evaluator")
     ls.set_defaults(func=cmd_list)
+    for sp in (r, ls):  # `cfbench run --plugin f.py ...` works as well as `cfbench --plugin f.py run ...`
+        sp.add_argument("--plugin", dest="plugin_here", action="append", default=[], metavar="FILE.py",
+                        help="load components from a local Python file (repeatable)")
 
     for extra in _extra_commands():
         extra(sub)
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .registry import load_plugin_file
 
-        for path in args.plugin:
+        for path in args.plugin + getattr(args, "plugin_here", []):
             load_plugin_file(path)
         return args.func(args)
     except (UsageError, PluginError) as e:

@@ -39,7 +39,7 @@ from .registry import get, registry
 #: bump when the harness changes in a way that changes results of unchanged components
 PROTOCOL_VERSION = 1
 
-DEFAULT_EVALUATORS = ("clean", "pgd", "autoattack")
+DEFAULT_EVALUATORS = ("clean", "pgd", "autoattack", "mia")
 
 
 @dataclass(frozen=True)

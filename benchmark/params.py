@@ -149,7 +149,10 @@ def describe(cls) -> list[dict[str, Any]]:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         tp = hints[f.name]
-        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        if get_origin(tp) is Literal:
+            tname = "|".join(str(c) for c in get_args(tp))
+        else:
+            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         out.append({"name": f.name, "type": tname, "default": default, "help": f.metadata.get("help", "")})
     return out
 

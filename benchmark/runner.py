@@ -75,8 +75,7 @@ def fit_recipe(cfg: RunConfig, data: RunData, x: torch.Tensor, y: torch.Tensor, 
 def component_info(kind: str, name: str) -> dict[str, Any]:
     entry = registry(kind).entry(name)
     cls = registry(kind).get(name)
-    return {"name": name, "version": getattr(cls, "version", 1), "source": entry.source,
-            "distribution": entry.distribution, "distribution_version": entry.dist_version,
+    return {"name": name, "version": getattr(cls, "version", 1), **entry.provenance(),
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "family": getattr(cls, "family", None), "description": getattr(cls, "description", "")}
 
@@ -151,6 +150,8 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
             timings[f"eval.{name}"] = time.perf_counter() - t0
             for k, v in res.timings.items():
                 timings[f"eval.{name}.{k}"] = v
+        from .report import save_examples  # example images for the report (never fails the run)
+        record["warnings"].extend(save_examples(ectx.shared, run_dir / "examples.safetensors"))
         record["status"] = "ok"
     except KeyboardInterrupt:
         # no record: the checkpoints stay, and the next identical run resumes from them

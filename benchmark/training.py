@@ -139,7 +139,7 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: FitCont
     """Train ``model`` in place on (x, y) with ``loss_hook`` as the per-batch loss.
 
     ``batches(epoch) -> iterable of index tensors`` replaces the default shuffled
-    mini-batches (Opacus' Poisson sampling uses it); ``step_fn(optimizer)`` replaces
+    mini-batches (Opacus' Poisson sampling uses it; its empty batches reach the hook); ``step_fn(optimizer)`` replaces
     ``optimizer.step()``.  Returns the per-epoch history (also kept in ``ctx.history``).
     """
     tp = ctx.train
@@ -174,7 +174,7 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: FitCont
             index_batches = batches(epoch) if batches is not None else torch.randperm(n, generator=g).split(tp.batch_size)
             tot_loss, tot_correct, tot_n = 0.0, 0, 0
             for i, idx in enumerate(index_batches):
-                if len(idx) == 0:
+                if len(idx) == 0 and batches is None:  # a custom sampler's empty batch is still a step (DP)
                     continue
                 step = epoch * steps_per_epoch + i
                 for group in optimizer.param_groups:

@@ -130,6 +130,15 @@ def test_tpr_at_fpr_not_supported_when_too_few_nonmembers():
             assert "not supported" in res["reason"] and res["ci_low"] is None
 
 
+def test_roc_infinite_scores_tie():
+    s = np.array([np.inf, np.inf, 1.0, -np.inf, -np.inf])
+    y = np.array([1, 0, 1, 0, 1])
+    fpr, tpr, thr = M.roc(s, y)
+    np.testing.assert_array_equal(fpr, [0, 0.5, 0.5, 1])
+    np.testing.assert_array_equal(tpr, [0, 1 / 3, 2 / 3, 1])
+    assert M.auc(s, y) == pytest.approx(roc_auc_score(y, [2.0, 2.0, 1.0, 0.0, 0.0]))
+
+
 def test_input_validation():
     with pytest.raises(ValueError, match="NaN"):
         M.auc([0.1, np.nan], [0, 1])

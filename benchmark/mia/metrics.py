@@ -82,8 +82,9 @@ def _roc_counts(s: np.ndarray, y: np.ndarray):
     order = np.argsort(s, kind="mergesort")[::-1]
     s_sorted = s[order]
     y_sorted = y[order]
-    # index of the last element of each block of equal scores
-    distinct = np.flatnonzero(np.diff(s_sorted))
+    # index of the last element of each block of equal scores (``!=`` rather than sklearn's
+    # ``np.diff`` so that tied infinite scores stay one block; sklearn rejects infinities)
+    distinct = np.flatnonzero(s_sorted[1:] != s_sorted[:-1])
     last = np.r_[distinct, s_sorted.size - 1]
     tps = np.cumsum(y_sorted, dtype=np.int64)[last]
     fps = 1 + last - tps

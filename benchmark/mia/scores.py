@@ -233,6 +233,9 @@ def fit_class_thresholds(shadow_in_scores, shadow_in_labels, shadow_out_scores,
     y_out = np.asarray(shadow_out_labels).ravel()
     if s_in.shape != y_in.shape or s_out.shape != y_out.shape:
         raise ValueError("shadow scores and labels must have the same length")
+    for lab in (y_in, y_out):
+        if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+            raise ValueError(f"shadow labels must lie in [0, {num_classes})")
     global_t = best_threshold(s_in, s_out)
     # group by class with one stable sort per side instead of a boolean mask per class
     oi = np.argsort(y_in, kind="stable")

@@ -1,0 +1,56 @@
+"""Differentially private adversarial training: PGD-AT's objective, optimised with DP-SGD.
+
+Every step draws a Poisson batch, computes PGD examples against the *current* model (the
+shared PGD, exactly as :class:`~cfbench_baselines.pgd_at.PGDAT` does: Madry et al.'s
+random start, ``steps`` steps of ``2.5 eps / steps`` by default, model in eval mode), then
+takes a DP-SGD step (:class:`~cfbench_baselines.dp_sgd.DPSGD`) on the per-example loss
+``(1 - mix) CE(f(x'_i), y_i) + mix CE(f(x_i), y_i)``.  The construction follows the DP
+adversarial training of Phan et al. (2019) / Tursynbek et al. (2020) in its simplest
+form -- PGD examples, then the DP-SGD update of Abadi et al. -- with Opacus doing the
+clipping, noise and accounting.
+
+Choices:
+
+* the attack runs through the *un-hooked* model (:func:`cfbench.dp.plain`): no activation
+  is recorded and no ``grad_sample`` filled, so the attack's backward passes never reach
+  the private update (with Opacus 1.6 a backward through the hooked model, even one taken
+  w.r.t. the inputs only, fills every parameter's ``grad_sample``); the shared loop then
+  clears all gradients before the DP step's backward;
+* the adversarial example is a function of one training example and of the current
+  (already private) model, and with ``mix > 0`` the clean and adversarial terms of an example
+  form *one* per-example loss whose gradient is clipped once -- so each example still has
+  sensitivity ``max_grad_norm`` and the accounting is exactly DP-SGD's (same sigma, q, steps,
+  delta and accountants; the clean and adversarial copies are never two batch entries);
+* PGD's randomness (its random start) uses the global PyTorch generator, like the noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cfbench import dp
+
+from .dp_sgd import DPSGD, DPSGDParams
+from .pgd_at import PGDAT, PGDATParams
+
+
+@dataclass(frozen=True)
+class DPATParams(PGDATParams, DPSGDParams):
+    """DP-SGD's privacy parameters and PGD-AT's attack parameters (steps, step_size, rand_init, mix)."""
+
+
+class DPAT(DPSGD, PGDAT):
+    """DP-SGD step on PGD adversarial (optionally mixed) batches; accounting as DP-SGD."""
+
+    name = "dp-at"
+    description = "DP adversarial training: PGD examples, then a DP-SGD step (Opacus); epsilon accounted"
+    version = 1
+    family = "dp"
+    Params = DPATParams
+
+    def private_loss(self, model, x, y, batch):
+        return PGDAT.loss(self, model, x, y, batch)
+
+    def adversarial(self, model, x, y, batch):
+        with dp.plain(model) as plain_model:
+            return PGDAT.adversarial(self, plain_model, x, y, batch)

@@ -1,0 +1,783 @@
+"""Leaderboards: stored records that share a protocol, aggregated into tables.
+
+``cfbench leaderboard [--dataset D] [--runs DIR] [--out DIR]`` reads every record under
+``DIR`` (default ``runs/``), groups the finished ones (``status == "ok"``) by **protocol**,
+and writes one table per protocol as ``<out>/<name>.{md,csv,json,html}``, each headed by the
+protocol and the command that rebuilds it.
+
+Protocol
+    What must be equal for two numbers to be comparable (:func:`protocol_of`): the harness
+    protocol version; the dataset (name, version); the model (name, version, parameters);
+    the threat model (norm, eps); the data split (``pool_size``, ``member_fraction``,
+    ``split_seed``, ``test_size``); and the evaluators whose numbers fill the table, with
+    their versions and parameters: ``clean``, ``autoattack`` and the membership-inference
+    evaluator ``mia`` (its parameters fix the membership protocol: attacks, reference
+    models, members / non-members).  ``batch_size`` is left out: it changes the speed of an
+    evaluation, not what it measures.  When a protocol has no AutoAttack, robust accuracy
+    falls back to PGD (then the ``pgd`` evaluator's parameters are part of the protocol and
+    the table says "PGD").  Records that disagree on any of this are never mixed in one
+    table; failed or unfinished runs never enter a table (they are counted in its notes).
+
+Rows
+    One row per *recipe*: defense (name, version, hyper-parameters) and training budget
+    (``config.train``), aggregated over training seeds.  Records with the same config hash
+    are duplicates (a copied run); only the newest is kept.  Each number is the mean over
+    seeds, ``± std`` the sample standard deviation (``ddof = 1``; no ± with one seed).
+    Brackets are 95% intervals: the record's own interval with one seed (Clopper-Pearson
+    for rates), and with several seeds the smallest lower and largest upper bound over the
+    seeds (an envelope, not an interval of the mean).
+
+Columns
+    clean accuracy; robust accuracy (AutoAttack); the strongest membership attack's AUC and
+    TPR at 0.1% FPR (``mia.best.*`` of each record: the attack can differ between seeds,
+    all are named); DP epsilon where the record has ``dp.epsilon``; training and evaluation
+    cost in seconds (``timings.train`` and the sum of ``timings.eval.<evaluator>``); seeds;
+    Pareto rank.
+
+Pareto rank
+    Non-dominated sorting (Deb et al. 2002) of the rows' means over (clean accuracy up,
+    robust accuracy up, leakage down), where leakage is the strongest attack's TPR at 0.1%
+    FPR, or its AUC when TPR at 0.1% FPR is n/a for some row of the table (the table header
+    says which).  An axis that some row lacks entirely is left out of the ranking and the
+    header lists the axes used.  Rank 1 is the front; equal points share a rank.
+
+File names
+    ``<dataset>-<model>-<norm>-<eps>``; when several protocols of one build share that name,
+    each gets ``-<first 8 hex digits of its protocol id>`` appended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+LEAKAGE_FPR = "0.001"
+TABLE_EVALUATORS = ("clean", "autoattack", "mia")
+#: evaluator parameters that change how fast a number is computed, not what it measures
+IGNORED_PARAMS = ("batch_size",)
+FORMATS = ("md", "csv", "json", "html")
+
+
+# ------------------------------------------------------------------------------ protocol
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def protocol_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The protocol a record was produced under (see the module docstring)."""
+    cfg = record.get("config") or {}
+    ev = cfg.get("evaluators") or {}
+    names = [n for n in TABLE_EVALUATORS if n in ev]
+    if "autoattack" not in ev and "pgd" in ev:
+        names.append("pgd")
+    evaluators = {}
+    for name in names:
+        spec = dict(ev[name]) if isinstance(ev[name], Mapping) else {"version": None, "params": {}}
+        spec["params"] = {k: v for k, v in (spec.get("params") or {}).items() if k not in IGNORED_PARAMS}
+        evaluators[name] = spec
+    return {
+        "harness": cfg.get("protocol"),
+        "dataset": cfg.get("dataset"),
+        "model": cfg.get("model"),
+        "threat": cfg.get("threat"),
+        "data": cfg.get("data"),
+        "evaluators": evaluators,
+    }
+
+
+def protocol_id(protocol: Mapping[str, Any]) -> str:
+    return hashlib.sha256(_canon(protocol).encode()).hexdigest()
+
+
+def _fmt_eps(eps: Any) -> str:
+    try:
+        return format(float(eps), ".4g")
+    except (TypeError, ValueError):
+        return str(eps)
+
+
+def base_name(protocol: Mapping[str, Any]) -> str:
+    ds = (protocol.get("dataset") or {}).get("name", "unknown")
+    model = (protocol.get("model") or {}).get("name", "unknown")
+    th = protocol.get("threat") or {}
+    raw = f"{ds}-{model}-{th.get('norm', 'unknown')}-{_fmt_eps(th.get('eps'))}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
+
+
+def describe_protocol(protocol: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Human-readable (label, value) lines of a protocol, for table headers."""
+    def params(d: Mapping[str, Any] | None) -> str:
+        if not d:
+            return "defaults"
+        return ", ".join(f"{k}={'default' if v is None else v}" for k, v in d.items())
+
+    ds = protocol.get("dataset") or {}
+    model = protocol.get("model") or {}
+    th = protocol.get("threat") or {}
+    data = protocol.get("data") or {}
+    out = [
+        ("dataset", f"{ds.get('name')} (version {ds.get('version')})"),
+        ("model", f"{model.get('name')} (version {model.get('version')}; {params(model.get('params'))})"),
+        ("threat model", f"{th.get('norm')}, eps = {_fmt_eps(th.get('eps'))}"),
+        ("data split", ", ".join(f"{k}={'all' if v is None else v}" for k, v in data.items())),
+    ]
+    ev = protocol.get("evaluators") or {}
+    names = {"clean": "clean accuracy", "autoattack": "AutoAttack", "pgd": "PGD (robust accuracy; no AutoAttack)",
+             "mia": "membership inference"}
+    for name, spec in ev.items():
+        out.append((names.get(name, name), f"evaluator {name} version {spec.get('version')}; "
+                                            f"{params(spec.get('params'))}"))
+    if "mia" not in ev:
+        out.append(("membership inference", "not evaluated (columns n/a)"))
+    out.append(("harness protocol", str(protocol.get("harness"))))
+    return out
+
+
+# --------------------------------------------------------------------------- per record
+def _num(v: Any) -> float:
+    """A metric's number as float; n/a (None, missing, non-numeric) is NaN; 'inf' is inf."""
+    if isinstance(v, Mapping):
+        v = v.get("value")
+    if isinstance(v, bool) or v is None:
+        return math.nan
+    if isinstance(v, str):
+        if v in ("inf", "Infinity"):
+            return math.inf
+        try:
+            return float(v)
+        except ValueError:
+            return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ci(m: Any) -> tuple[float, float]:
+    if isinstance(m, Mapping):
+        return _num(m.get("ci_low")), _num(m.get("ci_high"))
+    return math.nan, math.nan
+
+
+def mia_attacks(metrics: Mapping[str, Any]) -> list[str]:
+    """Names of the membership attacks present in a record's metrics (``mia.<A>.auc``)."""
+    out = []
+    for k in metrics:
+        parts = k.split(".")
+        if len(parts) == 3 and parts[0] == "mia" and parts[2] == "auc" and parts[1] != "best":
+            out.append(parts[1])
+    return out
+
+
+def strongest(metrics: Mapping[str, Any], metric: str) -> dict[str, Any]:
+    """The strongest membership attack on ``metric`` (``"auc"`` or ``"tpr_at_fpr.0.001"``...).
+
+    Uses the record's ``mia.best.<metric>`` when present (``{value, attack, ci_low?,
+    ci_high?}``; a missing interval is read from ``mia.<attack>.<metric>``), else the maximum
+    over ``mia.<A>.<metric>``.  Returns ``{value, ci_low, ci_high, attack}`` with NaN for n/a.
+    """
+    best = metrics.get(f"mia.best.{metric}")
+    attack = None
+    if isinstance(best, Mapping) and not math.isnan(_num(best)):
+        attack = best.get("attack")
+        lo, hi = _ci(best)
+        if (math.isnan(lo) or math.isnan(hi)) and attack is not None:
+            lo, hi = _ci(metrics.get(f"mia.{attack}.{metric}"))
+        return {"value": _num(best), "ci_low": lo, "ci_high": hi, "attack": attack}
+    if best is not None and not isinstance(best, Mapping) and not math.isnan(_num(best)):
+        return {"value": _num(best), "ci_low": math.nan, "ci_high": math.nan, "attack": None}
+    value, lo, hi = math.nan, math.nan, math.nan
+    for a in mia_attacks(metrics):
+        m = metrics.get(f"mia.{a}.{metric}")
+        v = _num(m)
+        if not math.isnan(v) and (math.isnan(value) or v > value):
+            value, attack = v, a
+            lo, hi = _ci(m)
+    return {"value": value, "ci_low": lo, "ci_high": hi, "attack": attack}
+
+
+def eval_seconds(timings: Mapping[str, Any]) -> float:
+    """Evaluation cost: the sum of the evaluators' totals ``timings['eval.<name>']``."""
+    vals = [_num(v) for k, v in timings.items() if k.startswith("eval.") and k.count(".") == 1]
+    vals = [v for v in vals if not math.isnan(v)]
+    return float(sum(vals)) if vals else math.nan
+
+
+def record_row(record: Mapping[str, Any], robust_source: str | None = "autoattack") -> dict[str, Any]:
+    """One record flattened to the numbers a leaderboard aggregates (NaN = n/a)."""
+    cfg = record.get("config") or {}
+    metrics = record.get("metrics") or {}
+    comp = (record.get("components") or {}).get("defense") or {}
+    d = cfg.get("defense") or {}
+    clean = metrics.get("clean.accuracy")
+    robust = metrics.get(f"robust.{robust_source}.accuracy") if robust_source else None
+    auc = strongest(metrics, "auc")
+    tpr = strongest(metrics, f"tpr_at_fpr.{LEAKAGE_FPR}")
+    timings = record.get("timings") or {}
+    return {
+        "run_id": record.get("run_id"),
+        "path": record.get("_path"),
+        "created": record.get("created") or "",
+        "config_hash": record.get("config_hash"),
+        "seed": cfg.get("seed"),
+        "defense": d.get("name"),
+        "defense_version": d.get("version"),
+        "params": _canon(d.get("params") or {}),
+        "train": _canon(cfg.get("train") or {}),
+        "family": comp.get("family") or "other",
+        "description": comp.get("description") or "",
+        "clean": _num(clean), "clean_lo": _ci(clean)[0], "clean_hi": _ci(clean)[1],
+        "robust": _num(robust), "robust_lo": _ci(robust)[0], "robust_hi": _ci(robust)[1],
+        "auc": auc["value"], "auc_lo": auc["ci_low"], "auc_hi": auc["ci_high"], "auc_attack": auc["attack"],
+        "tpr": tpr["value"], "tpr_lo": tpr["ci_low"], "tpr_hi": tpr["ci_high"], "tpr_attack": tpr["attack"],
+        "epsilon": _num(metrics.get("dp.epsilon")),
+        "train_s": _num(timings.get("train")),
+        "eval_s": eval_seconds(timings),
+    }
+
+
+# ---------------------------------------------------------------------------- Pareto rank
+def pareto_ranks(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> list[int]:
+    """Non-dominated sorting: rank 1 for the Pareto front, 2 for the front of the rest, ...
+
+    ``points[i][j]`` is row i's value on axis j; ``maximize[j]`` says whether more is better.
+    A point dominates another if it is at least as good on every axis and better on one.
+    Equal points do not dominate each other and share a rank.  Values must be finite.
+    """
+    pts = [[v if up else -v for v, up in zip(p, maximize)] for p in points]
+    for p in pts:
+        if len(p) != len(maximize) or not all(math.isfinite(v) for v in p):
+            raise ValueError(f"pareto_ranks needs finite points of dimension {len(maximize)}, got {p}")
+
+    def dominates(a, b) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    ranks = [0] * len(pts)
+    remaining = set(range(len(pts)))
+    rank = 1
+    while remaining:
+        front = {i for i in remaining if not any(dominates(pts[j], pts[i]) for j in remaining if j != i)}
+        for i in front:
+            ranks[i] = rank
+        remaining -= front
+        rank += 1
+    return ranks
+
+
+# ------------------------------------------------------------------------------ tables
+@dataclass
+class Leaderboard:
+    """One protocol's table."""
+
+    name: str
+    protocol: dict[str, Any]
+    protocol_id: str
+    command: str
+    rows: Any                           # pandas.DataFrame, one row per recipe, sorted
+    records: Any                        # pandas.DataFrame, one row per record used
+    robust_source: str | None           # "autoattack", "pgd", or None (not evaluated)
+    leakage: str | None                 # "tpr" (TPR at 0.1% FPR), "auc", or None (no MIA)
+    pareto_axes: list[str] = field(default_factory=list)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    runs: str = "runs"
+
+    @property
+    def dataset(self) -> str:
+        return (self.protocol.get("dataset") or {}).get("name", "")
+
+    @property
+    def robust_label(self) -> str:
+        return {"autoattack": "AutoAttack acc.", "pgd": "PGD acc. (no AutoAttack)"}.get(
+            self.robust_source or "", "robust acc. (not evaluated)")
+
+    @property
+    def leakage_label(self) -> str:
+        return {"tpr": "strongest MIA TPR @ 0.1% FPR", "auc": "strongest MIA AUC"}.get(self.leakage or "", "n/a")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Leaderboard:
+        """A leaderboard back from its ``.json`` file (as :func:`to_json_obj` wrote it)."""
+        import pandas as pd
+
+        rows = []
+        for r in obj.get("rows") or []:
+            row: dict[str, Any] = {
+                "pareto_rank": math.nan if r.get("pareto_rank") is None else r["pareto_rank"],
+                "label": r.get("label"), "defense": r.get("defense"), "defense_version": r.get("defense_version"),
+                "family": r.get("family") or "other", "description": r.get("description") or "",
+                "params": _canon(r.get("params") or {}), "train": _canon(r.get("train") or {}),
+                "seeds": int(r.get("seeds") or 0), "seed_list": " ".join(str(s) for s in r.get("seed_list") or []),
+                "n_records": int(r.get("n_records") or len(r.get("run_ids") or [])),
+                "run_ids": " ".join(r.get("run_ids") or []),
+            }
+            for c, long in CSV_NAMES.items():
+                e = r.get(long) or {}
+                row[f"{c}_mean"] = _num(e.get("mean"))
+                row[f"{c}_std"] = _num(e.get("std"))
+                row[f"{c}_n"] = int(e.get("n") or 0)
+                if c in ("clean", "robust", "auc", "tpr"):
+                    row[f"{c}_ci_low"] = _num(e.get("ci_low"))
+                    row[f"{c}_ci_high"] = _num(e.get("ci_high"))
+                if c in ("auc", "tpr"):
+                    row[f"{c}_attack"] = ", ".join(e.get("attacks") or [])
+            rows.append(row)
+        df = pd.DataFrame(rows)
+        leakage = obj.get("leakage")
+        df["leakage_mean"] = df[f"{leakage}_mean"] if leakage and len(df) else math.nan
+        records = pd.DataFrame(obj.get("records") or [],
+                               columns=["run_id", "seed", "defense", "clean", "robust", "auc", "auc_attack", "tpr",
+                                        "tpr_attack", "epsilon", "train_s", "eval_s", "path"])
+        return cls(name=obj["name"], protocol=obj["protocol"], protocol_id=obj["protocol_id"],
+                   command=obj["command"], rows=df, records=records, robust_source=obj.get("robust_source"),
+                   leakage=leakage, pareto_axes=list(obj.get("pareto_axes") or []),
+                   excluded=list(obj.get("excluded") or []), runs=obj.get("runs") or "runs")
+
+    def pareto_text(self) -> str:
+        if not self.pareto_axes:
+            return "Pareto rank: n/a (no axis has a value for every row)."
+        names = {"clean": "clean accuracy ↑", "robust": f"{self.robust_label.split(' (')[0]} ↑",
+                 "leakage": f"leakage = {self.leakage_label} ↓"}
+        return ("Pareto rank over (" + ", ".join(names[a] for a in self.pareto_axes)
+                + "); rank 1 is the front (non-dominated sorting of the rows' means).")
+
+
+def _group_key(r: Mapping[str, Any]) -> tuple:
+    return (r["defense"], r["defense_version"], r["params"], r["train"])
+
+
+def _labels(groups: list[dict[str, Any]]) -> list[str]:
+    """Row labels: the defense name, plus the hyper-parameters / training settings that
+    tell rows of the same table apart (only those that differ)."""
+    def diff_keys(dicts: list[dict[str, Any]]) -> list[str]:
+        keys = sorted({k for d in dicts for k in d})
+        return [k for k in keys if len({_canon(d.get(k)) for d in dicts}) > 1]
+
+    trains = [json.loads(g["train"]) for g in groups]
+    train_keys = diff_keys(trains)
+    labels = []
+    for g, tr in zip(groups, trains):
+        same = [json.loads(h["params"]) for h in groups if h["defense"] == g["defense"]]
+        versions = {h["defense_version"] for h in groups if h["defense"] == g["defense"]}
+        p = json.loads(g["params"])
+        label = str(g["defense"])
+        if len(versions) > 1:
+            label += f" v{g['defense_version']}"
+        keys = diff_keys(same)
+        if keys:
+            label += " (" + ", ".join(f"{k}={p.get(k)}" for k in keys) + ")"
+        if train_keys:
+            label += " [" + ", ".join(f"{k}={tr.get(k)}" for k in train_keys) + "]"
+        labels.append(label)
+    return labels
+
+
+def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", command: str | None = None,
+              name: str | None = None, excluded: Sequence[Mapping[str, Any]] = ()) -> Leaderboard:
+    """One leaderboard from records that share one protocol (a :class:`UsageError` if not)."""
+    import numpy as np
+    import pandas as pd
+
+    if not records:
+        raise UsageError("no records to aggregate")
+    protocols = {protocol_id(protocol_of(r)) for r in records}
+    if len(protocols) > 1:
+        raise UsageError(f"records disagree on protocol ({len(protocols)} protocols); "
+                         "group them with group_by_protocol() first")
+    protocol = protocol_of(records[0])
+    ev = protocol["evaluators"]
+    robust_source = "autoattack" if "autoattack" in ev else ("pgd" if "pgd" in ev else None)
+    flat = [record_row(r, robust_source) for r in records]
+    df = pd.DataFrame(flat)
+    # duplicates of one config (copied run folders): keep the newest
+    df = df.sort_values(["created", "run_id"]).drop_duplicates("config_hash", keep="last")
+    df = df.sort_values(["defense", "params", "train", "seed"], kind="stable").reset_index(drop=True)
+
+    value_cols = ["clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s"]
+    rows = []
+    for key, g in df.groupby(["defense", "defense_version", "params", "train"], sort=True, dropna=False):
+        row: dict[str, Any] = dict(zip(["defense", "defense_version", "params", "train"], key))
+        row["family"] = g["family"].iloc[0]
+        row["description"] = g["description"].iloc[0]
+        row["seeds"] = int(g["seed"].nunique())
+        row["seed_list"] = " ".join(str(s) for s in sorted(g["seed"].unique()))
+        row["n_records"] = len(g)
+        row["run_ids"] = " ".join(g["run_id"].astype(str))
+        for c in value_cols:
+            vals = g[c].astype(float)
+            finite = vals[~vals.isna()]
+            row[f"{c}_mean"] = float(finite.mean()) if len(finite) else math.nan
+            row[f"{c}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
+            row[f"{c}_n"] = int(len(finite))
+        for c in ("clean", "robust", "auc", "tpr"):
+            row[f"{c}_ci_low"] = float(g[f"{c}_lo"].min()) if g[f"{c}_lo"].notna().any() else math.nan
+            row[f"{c}_ci_high"] = float(g[f"{c}_hi"].max()) if g[f"{c}_hi"].notna().any() else math.nan
+        for c in ("auc", "tpr"):
+            attacks = [a for a in g[f"{c}_attack"] if isinstance(a, str)]
+            row[f"{c}_attack"] = ", ".join(sorted(set(attacks), key=attacks.index))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["label"] = _labels(rows)
+
+    # leakage: TPR at 0.1% FPR if every row has it, else AUC if every row has it
+    leakage = None
+    if out["tpr_mean"].notna().all():
+        leakage = "tpr"
+    elif out["auc_mean"].notna().all():
+        leakage = "auc"
+    elif out["tpr_mean"].notna().any() or out["auc_mean"].notna().any():
+        leakage = "tpr" if out["tpr_mean"].notna().any() else "auc"
+    out["leakage_mean"] = out[f"{leakage}_mean"] if leakage else math.nan
+    axes = [(a, col, up) for a, col, up in (("clean", "clean_mean", True), ("robust", "robust_mean", True),
+                                            ("leakage", "leakage_mean", False))
+            if np.isfinite(out[col].astype(float)).all()]
+    if axes:
+        out["pareto_rank"] = pareto_ranks(out[[c for _, c, _ in axes]].astype(float).values.tolist(),
+                                          [up for _, _, up in axes])
+    else:
+        out["pareto_rank"] = pd.NA
+    sort_cols = ["pareto_rank", "robust_mean", "clean_mean", "label"] if axes else ["robust_mean", "label"]
+    asc = [True, False, False, True] if axes else [False, True]
+    out = out.sort_values(sort_cols, ascending=asc, na_position="last", kind="stable").reset_index(drop=True)
+
+    ds = (protocol.get("dataset") or {}).get("name", "")
+    cmd = command or command_for(str(ds), str(runs))
+    return Leaderboard(name=name or base_name(protocol), protocol=protocol, protocol_id=protocol_id(protocol),
+                       command=cmd, rows=out, records=df, robust_source=robust_source, leakage=leakage,
+                       pareto_axes=[a for a, _, _ in axes], excluded=list(excluded), runs=str(runs))
+
+
+def load_records(runs: str | Path, dataset: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(finished records, excluded records) under ``runs``, optionally of one dataset.
+
+    Excluded are failed and unfinished runs (``status`` other than ``"ok"``), kept with their
+    protocol so that each table can say how many of its runs were left out and why.
+    """
+    from .results import iter_records
+
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise UsageError(f"runs directory {str(runs)!r} does not exist; pass --runs DIR with the directory "
+                         "that `cfbench run --out DIR` wrote to.")
+    ok, excluded = [], []
+    seen_datasets = set()
+    for rec in iter_records(runs, status=None):
+        if not isinstance(rec.get("config"), Mapping):
+            continue
+        ds = ((rec["config"].get("dataset") or {}).get("name"))
+        seen_datasets.add(ds)
+        if dataset is not None and ds != dataset:
+            continue
+        (ok if rec.get("status") == "ok" else excluded).append(rec)
+    if dataset is not None and not ok and not excluded:
+        raise UsageError(f"no records of dataset {dataset!r} under {str(runs)!r}. Datasets with records there: "
+                         f"{', '.join(sorted(str(d) for d in seen_datasets)) or '(none)'}.")
+    return ok, excluded
+
+
+def group_by_protocol(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(protocol_id(protocol_of(r)), []).append(r)
+    return groups
+
+
+def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: str | None = None
+          ) -> list[Leaderboard]:
+    """Every leaderboard of the records under ``runs`` (one per protocol), named uniquely."""
+    ok, excluded = load_records(runs, dataset)
+    groups = group_by_protocol(ok)
+    if not groups:
+        raise UsageError(f"no finished runs under {str(runs)!r}"
+                         + (f" for dataset {dataset!r}" if dataset else "")
+                         + f" ({len(excluded)} failed or unfinished); nothing to tabulate.")
+    bad = group_by_protocol(excluded)
+    names: dict[str, list[str]] = {}
+    for pid, recs in groups.items():
+        names.setdefault(base_name(protocol_of(recs[0])), []).append(pid)
+    boards = []
+    for base, pids in sorted(names.items()):
+        for pid in sorted(pids):
+            name = base if len(pids) == 1 else f"{base}-{pid[:8]}"
+            exc = [{"run_id": r.get("run_id"), "status": r.get("status"), "reason": r.get("reason")}
+                   for r in bad.get(pid, [])]
+            boards.append(aggregate(groups[pid], runs=runs_label or str(runs), name=name, excluded=exc))
+    return boards
+
+
+# ------------------------------------------------------------------------------ formatting
+def _isnum(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def fmt_metric(mean: float, std: float, lo: float, hi: float, *, percent: bool, digits: int | None = None) -> str:
+    """'85.4 ± 0.8 [82.0, 88.4]' (percent) or '0.612 [0.580, 0.644]'; 'n/a' when missing."""
+    if not _isnum(mean):
+        return "n/a"
+    s = 100.0 if percent else 1.0
+    d = digits if digits is not None else (1 if percent else 3)
+    text = f"{mean * s:.{d}f}"
+    if _isnum(std):
+        text += f" ± {std * s:.{d}f}"
+    if _isnum(lo) and _isnum(hi):
+        text += f" [{lo * s:.{d}f}, {hi * s:.{d}f}]"
+    return text
+
+
+def fmt_epsilon(mean: float, std: float = math.nan) -> str:
+    if isinstance(mean, float) and math.isinf(mean):
+        return "∞"
+    if not _isnum(mean):
+        return "—"
+    return f"{mean:.3g}" + (f" ± {std:.2g}" if _isnum(std) and std > 0 else "")
+
+
+def fmt_seconds(v: float) -> str:
+    if not _isnum(v):
+        return "n/a"
+    if v < 120:
+        return f"{v:.1f} s"
+    if v < 7200:
+        return f"{v / 60:.1f} min"
+    return f"{v / 3600:.1f} h"
+
+
+def display_rows(lb: Leaderboard) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the human-readable table (strings, not escaped)."""
+    import pandas as pd
+
+    tpr_digits = 2
+    header = ["rank", "defense", "family", "clean acc. %", f"{lb.robust_label.replace('acc.', 'acc. %')}",
+              "MIA AUC (strongest)", "MIA TPR @ 0.1% FPR % (strongest)", "DP ε", "train", "eval", "seeds"]
+    body = []
+    for _, r in lb.rows.iterrows():
+        rank = r["pareto_rank"]
+        auc = fmt_metric(r["auc_mean"], r["auc_std"], r["auc_ci_low"], r["auc_ci_high"], percent=False)
+        if r["auc_attack"]:
+            auc += f" ({r['auc_attack']})"
+        tpr = fmt_metric(r["tpr_mean"], r["tpr_std"], r["tpr_ci_low"], r["tpr_ci_high"], percent=True,
+                         digits=tpr_digits)
+        if r["tpr_attack"]:
+            tpr += f" ({r['tpr_attack']})"
+        body.append([
+            "n/a" if pd.isna(rank) else str(int(rank)),
+            r["label"], r["family"],
+            fmt_metric(r["clean_mean"], r["clean_std"], r["clean_ci_low"], r["clean_ci_high"], percent=True),
+            fmt_metric(r["robust_mean"], r["robust_std"], r["robust_ci_low"], r["robust_ci_high"], percent=True),
+            auc, tpr,
+            fmt_epsilon(r["epsilon_mean"], r["epsilon_std"]),
+            fmt_seconds(r["train_s_mean"]), fmt_seconds(r["eval_s_mean"]),
+            str(r["seeds"]),
+        ])
+    return header, body
+
+
+def notes(lb: Leaderboard) -> list[str]:
+    n_rec = len(lb.records)
+    out = [
+        lb.pareto_text(),
+        "Numbers are means over training seeds, ± the sample standard deviation (no ± with one seed); "
+        "brackets are 95% intervals (Clopper-Pearson for rates, the record's own interval for AUC): a single "
+        "run's interval, or with several seeds the smallest lower and largest upper bound over the seeds.",
+        "MIA: the strongest of the evaluated membership attacks per run (named in parentheses; the maximum over "
+        "attacks is an optimistic estimate). n/a: not evaluated, or the sample cannot support the rate.",
+        "Cost: training and evaluation wall-clock seconds per run (mean over seeds).",
+        f"Built from {n_rec} finished run{'s' if n_rec != 1 else ''}."
+        + (f" Excluded (failed or unfinished, never tabulated): {len(lb.excluded)}." if lb.excluded else ""),
+    ]
+    return out
+
+
+def _md_cell(text: Any) -> str:
+    s = str(text)
+    return (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+            .replace("\n", " "))
+
+
+def to_markdown(lb: Leaderboard) -> str:
+    header, body = display_rows(lb)
+    lines = [f"# Leaderboard: {_md_cell(lb.name)}", "",
+             f"Rebuild with: `{lb.command}`", "",
+             f"Protocol `{lb.protocol_id[:12]}`:", ""]
+    lines += [f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in describe_protocol(lb.protocol)]
+    lines += ["", "| " + " | ".join(_md_cell(h) for h in header) + " |",
+              "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
+    lines += [""] + [f"- {_md_cell(n)}" for n in notes(lb)]
+    if lb.excluded:
+        lines += [f"  - excluded {_md_cell(e['run_id'])}: {_md_cell(e['status'])}"
+                  + (f" ({_md_cell(e['reason'])})" if e.get("reason") else "") for e in lb.excluded]
+    return "\n".join(lines) + "\n"
+
+
+CSV_COLUMNS = [
+    "pareto_rank", "label", "defense", "defense_version", "family", "params", "train", "seeds", "seed_list",
+    "n_records",
+    "clean_mean", "clean_std", "clean_ci_low", "clean_ci_high",
+    "robust_mean", "robust_std", "robust_ci_low", "robust_ci_high",
+    "auc_mean", "auc_std", "auc_ci_low", "auc_ci_high", "auc_attack",
+    "tpr_mean", "tpr_std", "tpr_ci_low", "tpr_ci_high", "tpr_attack",
+    "epsilon_mean", "epsilon_std", "train_s_mean", "train_s_std", "eval_s_mean", "eval_s_std", "run_ids",
+]
+CSV_NAMES = {
+    "clean": "clean_accuracy", "robust": "robust_accuracy", "auc": "mia_best_auc",
+    "tpr": f"mia_best_tpr_at_fpr_{LEAKAGE_FPR}", "epsilon": "dp_epsilon", "train_s": "train_seconds",
+    "eval_s": "eval_seconds",
+}
+
+
+def _csv_name(col: str) -> str:
+    for short, long in CSV_NAMES.items():
+        if col.startswith(short + "_") and col[len(short) + 1:] in (
+                "mean", "std", "ci_low", "ci_high", "attack"):
+            return f"{long}_{col[len(short) + 1:]}"
+    return col
+
+
+def to_csv(lb: Leaderboard) -> str:
+    """CSV (fractions, not percent), headed by ``#`` comment lines: read with
+    ``pandas.read_csv(path, comment="#")``."""
+    import io
+
+    head = [f"# leaderboard {lb.name}", f"# rebuild: {lb.command}", f"# protocol {lb.protocol_id}: "
+            + _canon(lb.protocol), f"# {lb.pareto_text()}", f"# robust accuracy: {lb.robust_source or 'not evaluated'}; "
+            f"leakage for the Pareto rank: {lb.leakage_label}"]
+    df = lb.rows[CSV_COLUMNS].rename(columns=_csv_name)
+    buf = io.StringIO()
+    df.to_csv(buf, index=False, lineterminator="\n")
+    return "\n".join(head) + "\n" + buf.getvalue()
+
+
+def _json_num(v: Any) -> Any:
+    if v is None:
+        return None
+    try:
+        import pandas as pd
+        if v is pd.NA:
+            return None
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+    return v
+
+
+def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
+    from . import __version__
+
+    rows = []
+    for _, r in lb.rows.iterrows():
+        row = {
+            "pareto_rank": _json_num(r["pareto_rank"]), "label": r["label"], "defense": r["defense"],
+            "defense_version": _json_num(r["defense_version"]), "family": r["family"],
+            "description": r["description"],
+            "params": json.loads(r["params"]), "train": json.loads(r["train"]),
+            "seeds": int(r["seeds"]), "n_records": int(r["n_records"]), "seed_list": [int(s) for s in str(r["seed_list"]).split()],
+            "run_ids": str(r["run_ids"]).split(),
+        }
+        for c in ("clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s"):
+            entry = {"mean": _json_num(r[f"{c}_mean"]), "std": _json_num(r[f"{c}_std"]), "n": int(r[f"{c}_n"])}
+            if f"{c}_ci_low" in r:
+                entry["ci_low"] = _json_num(r[f"{c}_ci_low"])
+                entry["ci_high"] = _json_num(r[f"{c}_ci_high"])
+            if f"{c}_attack" in r:
+                entry["attacks"] = [a for a in str(r[f"{c}_attack"]).split(", ") if a]
+            row[CSV_NAMES[c]] = entry
+        rows.append(row)
+    per_run = []
+    for _, r in lb.records.iterrows():
+        per_run.append({k: _json_num(r[k]) for k in ("run_id", "seed", "defense", "clean", "robust", "auc",
+                                                      "auc_attack", "tpr", "tpr_attack", "epsilon",
+                                                      "train_s", "eval_s")}
+                       | {"path": _rel(r["path"], lb.runs)})
+    return {
+        "name": lb.name, "command": lb.command, "protocol_id": lb.protocol_id, "protocol": lb.protocol,
+        "protocol_description": [{"label": k, "value": v} for k, v in describe_protocol(lb.protocol)],
+        "robust_source": lb.robust_source, "leakage": lb.leakage, "leakage_label": lb.leakage_label,
+        "leakage_fpr": float(LEAKAGE_FPR), "pareto_axes": lb.pareto_axes, "pareto": lb.pareto_text(),
+        "notes": notes(lb), "runs": lb.runs, "cfbench": __version__,
+        "rows": rows, "records": per_run, "excluded": lb.excluded,
+    }
+
+
+def _rel(path: Any, runs: str) -> str | None:
+    if not isinstance(path, str):
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(Path(runs).resolve()))
+    except ValueError:
+        return path
+
+
+def to_html(lb: Leaderboard) -> str:
+    from .report import render_template
+
+    header, body = display_rows(lb)
+    return render_template("leaderboard.html", lb=lb, header=header, body=body, notes=notes(lb),
+                           protocol=describe_protocol(lb.protocol),
+                           descriptions=list(zip(lb.rows["label"], lb.rows["description"])))
+
+
+def write(lb: Leaderboard, out_dir: str | Path = "leaderboards") -> dict[str, Path]:
+    """Write ``<out_dir>/<name>.{md,csv,json,html}`` atomically; returns the paths."""
+    from .report import readable
+    from .results import atomic_write_text
+
+    out_dir = Path(out_dir)
+    texts = {"md": to_markdown(lb), "csv": to_csv(lb),
+             "json": json.dumps(to_json_obj(lb), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+             "html": to_html(lb)}
+    paths = {}
+    for ext, text in texts.items():
+        p = out_dir / f"{lb.name}.{ext}"
+        atomic_write_text(p, text)
+        readable(p)
+        paths[ext] = p
+    return paths
+
+
+# ------------------------------------------------------------------------------------ CLI
+def command_for(dataset: str, runs: str, out: str = "leaderboards") -> str:
+    """The exact command that rebuilds the tables of one dataset."""
+    parts = ["cfbench", "leaderboard", "--dataset", dataset, "--runs", runs]
+    if out != "leaderboards":
+        parts += ["--out", out]
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def cmd_leaderboard(args) -> int:
+    boards = build(args.runs, args.dataset, runs_label=args.runs)
+    for lb in boards:
+        lb.command = command_for(lb.dataset, args.runs, args.out)
+        paths = write(lb, args.out)
+        if not args.quiet:
+            print(to_markdown(lb))
+        print(f"wrote {paths['md']} (.csv .json .html): {len(lb.rows)} rows from {len(lb.records)} runs"
+              + (f"; {len(lb.excluded)} failed/unfinished excluded" if lb.excluded else ""))
+    return 0
+
+
+def add_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "leaderboard", help="aggregate stored records into leaderboard tables",
+        description="Aggregate the finished records under --runs that share a protocol (dataset, model, threat "
+                    "model, data split, evaluators) into tables: <out>/<name>.{md,csv,json,html}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=None, help="only records of this dataset (default: every dataset)")
+    p.add_argument("--runs", default="runs", help="directory of run folders (as written by `cfbench run --out`)")
+    p.add_argument("--out", default="leaderboards", help="directory the tables are written to")
+    p.add_argument("--quiet", action="store_true", help="do not print the tables, only the paths")
+    p.set_defaults(func=cmd_leaderboard)

@@ -1,0 +1,85 @@
+"""Typed --set resolution, validation messages and the config hash."""
+
+from __future__ import annotations
+
+import pytest
+
+from cfbench.config import make_config, parse_sets
+from cfbench.errors import UsageError
+
+
+def test_values_are_cast_to_declared_types():
+    cfg = make_config(defense="pgd-at", sets=parse_sets(["eps=0.2", "epochs=7", "steps=3", "rand_init=false",
+                                                        "optimizer=adam", "autoattack.n_examples=40"]))
+    assert cfg.threat.eps == 0.2 and isinstance(cfg.threat.eps, float)
+    assert cfg.train.epochs == 7 and isinstance(cfg.train.epochs, int)
+    assert cfg.defense_params.steps == 3 and cfg.defense_params.rand_init is False
+    assert cfg.train.optimizer == "adam"
+    assert cfg.evaluator_params["autoattack"].n_examples == 40
+
+
+def test_fraction_syntax_for_eps():
+    cfg = make_config(dataset="digits", sets={"eps": "8/255"})
+    assert cfg.eps() == pytest.approx(8 / 255)
+
+
+def test_bare_key_prefers_defense_section_and_qualified_key_reaches_evaluator():
+    cfg = make_config(defense="pgd-at", sets={"steps": "4", "pgd.steps": "9"})
+    assert cfg.defense_params.steps == 4
+    assert cfg.evaluator_params["pgd"].steps == 9
+
+
+@pytest.mark.parametrize("items, needle", [
+    ({"eps": "-0.1"}, "threat.eps: -0.1 is out of range; it must be >= 0"),
+    ({"steps": "0"}, "defense.steps: 0 is out of range; it must be >= 1"),
+    ({"epochs": "ten"}, "train.epochs: expected an integer, got 'ten'"),
+    ({"norm": "L3"}, "threat.norm: 'L3' is not allowed. Did you mean 'L2'? Valid choices: L2, Linf"),
+    ({"rand_init": "maybe"}, "expected a boolean"),
+    ({"epoch": "3"}, "unknown setting 'epoch'. Did you mean 'epochs'"),
+    ({"train.epoch": "3"}, "Did you mean 'train.epochs'"),
+    ({"foo.bar": "1"}, "no section 'foo'"),
+])
+def test_bad_settings_name_the_value_and_the_choices(items, needle):
+    with pytest.raises(UsageError) as e:
+        make_config(defense="pgd-at", sets=items)
+    assert needle in str(e.value)
+
+
+def test_unknown_components_suggest_close_matches():
+    with pytest.raises(UsageError, match=r"unknown defense 'pgd_at'\. Did you mean 'pgd-at'.*Valid choices: .*erm"):
+        make_config(defense="pgd_at")
+    with pytest.raises(UsageError, match=r"unknown dataset 'fashion'.*fashion-mnist"):
+        make_config(dataset="fashion")
+    with pytest.raises(UsageError, match=r"unknown model 'cnn9'.*cnn8"):
+        make_config(model="cnn9")
+    with pytest.raises(UsageError, match=r"unknown evaluator 'autoatack'.*autoattack"):
+        make_config(evaluators=["clean", "autoatack"])
+
+
+def test_set_syntax_error():
+    with pytest.raises(UsageError, match="key=value"):
+        parse_sets(["eps0.1"])
+
+
+def test_cuda_unavailable_is_a_usage_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(UsageError, match="cuda"):
+        make_config(device="cuda")
+    with pytest.raises(UsageError, match="Valid choices: cpu, cuda"):
+        make_config(device="tpu")
+
+
+def test_hash_is_canonical_and_covers_what_changes_results():
+    a = make_config(defense="pgd-at", sets={"eps": "0.1"})
+    b = make_config(defense="pgd-at", sets={"threat.eps": 0.1})
+    assert a.config_hash() == b.config_hash()           # same values, different spelling
+    c = make_config(defense="pgd-at")                     # the dataset default eps is 0.1 too
+    assert c.config_hash() == a.config_hash()
+    assert make_config(defense="pgd-at", sets={"eps": "0.2"}).config_hash() != a.config_hash()
+    assert make_config(defense="pgd-at", seed=1).config_hash() != a.config_hash()
+    assert make_config(defense="pgd-at", sets={"autoattack.n_examples": 10}).config_hash() != a.config_hash()
+    assert make_config(defense="pgd-at", data_dir="/elsewhere").config_hash() == a.config_hash()
+    assert a.run_id().startswith("digits-pgd-at-cnn8-s0-")

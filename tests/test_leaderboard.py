@@ -1,0 +1,357 @@
+"""Leaderboards: aggregation equals a direct pandas aggregation, Pareto ranks, protocol
+separation, failed runs, headers, escaping, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from record_factory import make_record, write_record
+
+from cfbench.cli import main
+from cfbench.leaderboard import (
+    Leaderboard,
+    aggregate,
+    build,
+    display_rows,
+    pareto_ranks,
+    protocol_id,
+    protocol_of,
+    strongest,
+    to_json_obj,
+    to_markdown,
+    write,
+)
+
+# ------------------------------------------------------------------------------ Pareto
+
+
+def test_pareto_ranks_hand_made_points():
+    # (clean up, robust up, leakage down)
+    pts = {
+        "A": (0.90, 0.50, 0.10),
+        "B": (0.80, 0.60, 0.05),   # trades clean for robust and privacy: front
+        "C": (0.85, 0.45, 0.20),   # dominated by A only -> rank 2
+        "D": (0.70, 0.40, 0.30),   # dominated by C (rank 2) -> rank 3
+        "E": (0.90, 0.50, 0.10),   # equal to A: equal points share a rank
+        "F": (0.95, 0.10, 0.50),   # best clean accuracy: front
+        "G": (0.80, 0.60, 0.06),   # B is as good everywhere and better on leakage -> 2
+    }
+    ranks = pareto_ranks(list(pts.values()), [True, True, False])
+    assert dict(zip(pts, ranks)) == {"A": 1, "B": 1, "C": 2, "D": 3, "E": 1, "F": 1, "G": 2}
+
+
+def test_pareto_ranks_directions_and_errors():
+    # one axis to minimise only: the rank is the dense order of the values
+    assert pareto_ranks([[3.0], [1.0], [2.0], [1.0]], [False]) == [3, 1, 2, 1]
+    assert pareto_ranks([[3.0], [1.0], [2.0]], [True]) == [1, 3, 2]
+    assert pareto_ranks([], [True, False]) == []
+    with pytest.raises(ValueError):
+        pareto_ranks([[1.0, math.nan]], [True, True])
+
+
+def _dominates(a, b, up):
+    a = [x if u else -x for x, u in zip(a, up)]
+    b = [x if u else -x for x, u in zip(b, up)]
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_ranks_match_the_definition(seed):
+    rng = np.random.default_rng(seed)
+    pts = np.round(rng.random((25, 3)), 1).tolist()  # rounding makes ties
+    up = [True, True, False]
+    ranks = pareto_ranks(pts, up)
+    for i, p in enumerate(pts):
+        # rank 1 iff nobody dominates it; rank k > 1: dominated by some rank k-1 point,
+        # and by no point of rank >= k
+        dominators = [ranks[j] for j, q in enumerate(pts) if _dominates(q, p, up)]
+        if ranks[i] == 1:
+            assert dominators == []
+        else:
+            assert ranks[i] - 1 in dominators
+            assert max(dominators) == ranks[i] - 1
+
+
+# ------------------------------------------------------------------------------ records
+SPEC = [  # defense, family, seed, clean, robust, auc(lira), tpr(lira @ 0.1%), epsilon
+    ("erm", "erm", 0, 0.98, 0.02, 0.70, 0.060, None),
+    ("erm", "erm", 1, 0.97, 0.04, 0.68, 0.050, None),
+    ("erm", "erm", 2, 0.96, 0.00, 0.72, 0.070, None),
+    ("pgd-at", "adversarial", 0, 0.92, 0.70, 0.64, 0.030, None),
+    ("pgd-at", "adversarial", 1, 0.90, 0.74, 0.66, 0.040, None),
+    ("dp-sgd", "dp", 0, 0.80, 0.10, 0.52, 0.002, 3.0),
+]
+
+
+def _mia(auc, tpr):
+    # two attacks; loss is weaker on both metrics
+    return {"loss": {"auc": auc - 0.05, "tpr.0.01": tpr, "tpr.0.001": tpr / 2, "tpr.0.0001": None},
+            "lira_online": {"auc": auc, "tpr.0.01": 3 * tpr, "tpr.0.001": tpr, "tpr.0.0001": None}}
+
+
+@pytest.fixture
+def store(tmp_path):
+    runs = tmp_path / "runs"
+    for d, fam, s, c, r, a, t, e in SPEC:
+        write_record(runs, make_record(defense=d, family=fam, seed=s, clean=c, robust=r, mia=_mia(a, t),
+                                       epsilon=e, train_s=10 + s, eval_s={"clean": 1, "pgd": 2, "autoattack": 3,
+                                                                          "mia": 4 + s}))
+    # a failed run of the same protocol: never tabulated
+    write_record(runs, make_record(defense="erm", seed=7, clean=0.1, robust=0.1, mia=_mia(0.9, 0.5),
+                                   status="failed", reason="TrainingDiverged: loss is nan"))
+    # an unfinished one
+    write_record(runs, make_record(defense="erm", seed=8, status="running"))
+    # other protocols: another eps; another membership protocol; another dataset
+    write_record(runs, make_record(defense="erm", seed=0, eps=0.2, mia=_mia(0.6, 0.01)))
+    write_record(runs, make_record(defense="erm", seed=0, mia=_mia(0.6, 0.01), mia_params={"reference_models": 16}))
+    write_record(runs, make_record(defense="erm", seed=0, dataset="fashion-mnist", model="cnn28"))
+    return runs
+
+
+def _main_table(boards):
+    [lb] = [b for b in boards if b.name.startswith("digits-cnn8-Linf-0.1") and "pgd-at" in set(b.rows["defense"])]
+    return lb
+
+
+def test_leaderboard_numbers_equal_pandas_aggregation(store, tmp_path):
+    boards = build(store, "digits")
+    lb = _main_table(boards)
+    paths = write(lb, tmp_path / "lb")
+    csv = pd.read_csv(paths["csv"], comment="#").set_index("defense")
+    js = json.loads(paths["json"].read_text())
+
+    # the independent computation: straight from the inputs above
+    df = pd.DataFrame(SPEC, columns=["defense", "family", "seed", "clean", "robust", "auc", "tpr", "epsilon"])
+    df["train_s"] = 10.0 + df["seed"]
+    df["eval_s"] = 1 + 2 + 3 + 4.0 + df["seed"]
+    agg = df.groupby("defense")[["clean", "robust"]].agg(["mean", "std", "count"])
+
+    assert set(csv.index) == set(agg.index)
+    for d in agg.index:
+        k = 500  # n_test: the factory rounds rates to k/n
+        for col, csv_col, n in [("clean", "clean_accuracy", k), ("robust", "robust_accuracy", k),
+                                ("auc", "mia_best_auc", None), ("tpr", "mia_best_tpr_at_fpr_0.001", 600),
+                                ("train_s", "train_seconds", None), ("eval_s", "eval_seconds", None)]:
+            vals = df.loc[df.defense == d, col]
+            if n:
+                vals = (vals * n).round() / n
+            assert csv.loc[d, f"{csv_col}_mean"] == pytest.approx(vals.mean(), abs=1e-12), (d, col)
+            if len(vals) > 1:
+                assert csv.loc[d, f"{csv_col}_std"] == pytest.approx(vals.std(ddof=1), abs=1e-12), (d, col)
+            else:
+                assert math.isnan(csv.loc[d, f"{csv_col}_std"])
+        assert csv.loc[d, "seeds"] == agg.loc[d, ("clean", "count")]
+        assert csv.loc[d, "family"] == df.loc[df.defense == d, "family"].iloc[0]
+    assert csv.loc["dp-sgd", "dp_epsilon_mean"] == 3.0
+    assert math.isnan(csv.loc["erm", "dp_epsilon_mean"])
+    # the strongest attack is named
+    assert csv.loc["erm", "mia_best_auc_attack"] == "lira_online"
+    # JSON carries the same numbers
+    row = {r["defense"]: r for r in js["rows"]}
+    assert row["pgd-at"]["clean_accuracy"]["mean"] == pytest.approx(csv.loc["pgd-at", "clean_accuracy_mean"])
+    assert row["erm"]["seed_list"] == [0, 1, 2]
+    assert row["dp-sgd"]["dp_epsilon"]["mean"] == 3.0
+
+
+def test_pareto_rank_in_table(store):
+    lb = _main_table(build(store, "digits"))
+    ranks = dict(zip(lb.rows["defense"], lb.rows["pareto_rank"]))
+    # erm: best clean; pgd-at: best robust; dp-sgd: least leakage -> all on the front
+    assert ranks == {"erm": 1, "pgd-at": 1, "dp-sgd": 1}
+    assert lb.leakage == "tpr" and lb.pareto_axes == ["clean", "robust", "leakage"]
+    assert "TPR @ 0.1% FPR" in lb.pareto_text()
+
+
+def test_dominated_row_gets_rank_two(tmp_path):
+    runs = tmp_path / "runs"
+    write_record(runs, make_record(defense="a", clean=0.9, robust=0.5, mia=_mia(0.6, 0.01)))
+    write_record(runs, make_record(defense="b", clean=0.8, robust=0.4, mia=_mia(0.7, 0.02)))
+    [lb] = build(runs)
+    assert dict(zip(lb.rows["defense"], lb.rows["pareto_rank"])) == {"a": 1, "b": 2}
+    assert list(lb.rows["defense"]) == ["a", "b"]  # sorted by rank
+
+
+def test_failed_runs_and_other_protocols_never_mixed(store):
+    boards = build(store, None)
+    names = sorted(b.name for b in boards)
+    # two digits protocols share the base name (differ only in the membership protocol) -> hashed
+    assert len(boards) == 4
+    assert "digits-cnn8-Linf-0.2" in names and "fashion-mnist-cnn28-Linf-0.1" in names
+    hashed = [n for n in names if n.startswith("digits-cnn8-Linf-0.1-")]
+    assert len(hashed) == 2 and all(len(n.rsplit("-", 1)[1]) == 8 for n in hashed)
+    for lb in boards:
+        assert len({protocol_id(protocol_of(r)) for r in []}) == 0
+        pids = set()
+        for rid in " ".join(lb.rows["run_ids"]).split():
+            rec = json.loads((store / rid / "record.json").read_text())
+            assert rec["status"] == "ok"
+            pids.add(protocol_id(protocol_of(rec)))
+        assert pids == {lb.protocol_id}
+    main_lb = _main_table(boards)
+    assert int(main_lb.rows.set_index("defense").loc["erm", "seeds"]) == 3
+    assert {e["status"] for e in main_lb.excluded} == {"failed", "running"}
+    assert "TrainingDiverged" in to_markdown(main_lb)
+
+
+def test_aggregate_refuses_mixed_protocols():
+    from cfbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="protocol"):
+        aggregate([make_record(eps=0.1), make_record(eps=0.2)])
+
+
+def test_duplicate_config_hash_counted_once(tmp_path):
+    runs = tmp_path / "runs"
+    rec = make_record(seed=0)
+    write_record(runs, rec, "copy-a")
+    write_record(runs, dict(rec, created="2026-02-01T00:00:00+00:00"), "copy-b")
+    [lb] = build(runs)
+    assert int(lb.rows["seeds"].iloc[0]) == 1 and len(lb.records) == 1
+
+
+def test_rows_split_by_hyperparameters_and_training(tmp_path):
+    runs = tmp_path / "runs"
+    write_record(runs, make_record(defense="trades", params={"beta": 1.0}, seed=0))
+    write_record(runs, make_record(defense="trades", params={"beta": 6.0}, seed=0))
+    write_record(runs, make_record(defense="trades", params={"beta": 6.0}, seed=1))
+    write_record(runs, make_record(defense="erm", seed=0, train={"epochs": 30}))
+    [lb] = build(runs)
+    labels = set(lb.rows["label"])
+    assert {"trades (beta=1.0) [epochs=None]", "trades (beta=6.0) [epochs=None]", "erm [epochs=30]"} <= labels \
+        or {"trades (beta=1.0)", "trades (beta=6.0)"} <= {lab.split(" [")[0] for lab in labels}
+    assert sorted(lb.rows["seeds"]) == [1, 1, 2]
+
+
+def test_without_mia_columns_are_na_and_pareto_uses_two_axes(tmp_path):
+    runs = tmp_path / "runs"
+    write_record(runs, make_record(defense="erm", clean=0.99, robust=0.0, with_mia=False))
+    write_record(runs, make_record(defense="pgd-at", family="adversarial", clean=0.95, robust=0.8, with_mia=False))
+    [lb] = build(runs)
+    assert lb.leakage is None and lb.pareto_axes == ["clean", "robust"]
+    header, body = display_rows(lb)
+    for row in body:
+        assert row[header.index("MIA AUC (strongest)")] == "n/a"
+        assert row[0] == "1"
+    assert "not evaluated" in to_markdown(lb)
+
+
+def test_leakage_falls_back_to_auc_when_tpr_is_na(tmp_path):
+    runs = tmp_path / "runs"
+    na = {"loss": {"auc": 0.55, "tpr.0.01": None, "tpr.0.001": None, "tpr.0.0001": None}}
+    write_record(runs, make_record(defense="a", clean=0.9, robust=0.5, mia=na, n_nonmembers=50))
+    write_record(runs, make_record(defense="b", clean=0.9, robust=0.5, mia={"loss": {"auc": 0.60, "tpr.0.001": 0.1}},
+                                   n_nonmembers=50))
+    [lb] = build(runs)
+    assert lb.leakage == "auc"
+    assert "AUC" in lb.pareto_text()
+    assert dict(zip(lb.rows["defense"], lb.rows["pareto_rank"])) == {"a": 1, "b": 2}
+    header, body = display_rows(lb)
+    row_a = [r for r in body if r[1] == "a"][0]
+    assert row_a[header.index("MIA TPR @ 0.1% FPR % (strongest)")] == "n/a"
+
+
+def test_pgd_fallback_when_no_autoattack(tmp_path):
+    runs = tmp_path / "runs"
+    write_record(runs, make_record(evaluators=("clean", "pgd"), robust=0.5))
+    [lb] = build(runs)
+    assert lb.robust_source == "pgd" and "PGD" in display_rows(lb)[0][4]
+    assert lb.rows["robust_mean"].iloc[0] == pytest.approx(0.52)
+
+
+def test_strongest_attack():
+    m = make_record(mia={"loss": {"auc": 0.7, "tpr.0.001": 0.01}, "lira_online": {"auc": 0.6, "tpr.0.001": 0.05}})
+    metrics = m["metrics"]
+    assert strongest(metrics, "auc")["attack"] == "loss"
+    assert strongest(metrics, "tpr_at_fpr.0.001")["attack"] == "lira_online"
+    # without mia.best.*: maximum over attacks, interval from the attack's own entry
+    bare = {k: v for k, v in metrics.items() if not k.startswith("mia.best.")}
+    s = strongest(bare, "tpr_at_fpr.0.001")
+    assert s["attack"] == "lira_online" and s["value"] == metrics["mia.lira_online.tpr_at_fpr.0.001"]["value"]
+    assert s["ci_low"] == metrics["mia.lira_online.tpr_at_fpr.0.001"]["ci_low"]
+    # best without an interval (as cfbench.mia.metrics.best_of writes it): interval looked up
+    metrics2 = dict(metrics, **{"mia.best.auc": {"attack": "loss", "value": 0.7}})
+    assert strongest(metrics2, "auc")["ci_low"] == metrics["mia.loss.auc"]["ci_low"]
+    assert math.isnan(strongest({}, "auc")["value"])
+
+
+def test_files_are_headed_by_protocol_and_command(store, tmp_path):
+    code = main(["leaderboard", "--dataset", "digits", "--runs", str(store), "--out", str(tmp_path / "lb"),
+                 "--quiet"])
+    assert code == 0
+    cmd = f"cfbench leaderboard --dataset digits --runs {store} --out {tmp_path / 'lb'}"
+    files = sorted((tmp_path / "lb").iterdir())
+    assert {p.suffix for p in files} == {".md", ".csv", ".json", ".html"}
+    assert len(files) == 4 * 3  # three digits protocols
+    for p in files:
+        text = p.read_text(encoding="utf-8")
+        assert cmd in text, p
+        head = text[:3000]
+        if p.suffix == ".md":
+            assert head.startswith("# Leaderboard: digits-cnn8-Linf-")
+            assert "**threat model**: Linf, eps = " in head and "**membership inference**" in head
+        if p.suffix == ".csv":
+            lines = text.splitlines()
+            assert lines[0].startswith("# leaderboard ") and lines[1] == f"# rebuild: {cmd}"
+            assert lines[2].startswith("# protocol ")
+        if p.suffix == ".json":
+            obj = json.loads(text)
+            assert obj["command"] == cmd and obj["protocol"]["dataset"]["name"] == "digits"
+        if p.suffix == ".html":
+            assert "<html" in head and text.index(cmd) < text.index("Protocol") < text.index("<h3>Table")
+
+
+def test_json_round_trip(store):
+    lb = _main_table(build(store, "digits"))
+    back = Leaderboard.from_json(json.loads(json.dumps(to_json_obj(lb))))
+    assert display_rows(back) == display_rows(lb)
+    assert back.pareto_text() == lb.pareto_text()
+
+
+def test_script_in_defense_name_is_text(tmp_path):
+    runs = tmp_path / "runs"
+    evil = "<script>alert(1)</script>"
+    write_record(runs, make_record(defense=f"x{evil}", description=f"desc {evil} | pipe"), "evil")
+    [lb] = build(runs)
+    paths = write(lb, tmp_path / "lb")
+    html = paths["html"].read_text()
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    md = paths["md"].read_text()
+    assert "<script" not in md and "&lt;script&gt;" in md
+
+
+def test_cli_errors(store, tmp_path, capsys):
+    assert main(["leaderboard", "--runs", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["leaderboard", "--runs", str(store), "--dataset", "cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar10" in err and "digits" in err and "fashion-mnist" in err
+    empty = tmp_path / "only-failed"
+    write_record(empty, make_record(status="failed", reason="boom"))
+    assert main(["leaderboard", "--runs", str(empty)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+
+
+def test_epsilon_inf_and_formatting(tmp_path):
+    runs = tmp_path / "runs"
+    write_record(runs, make_record(defense="dp", family="dp", epsilon="inf"))
+    [lb] = build(runs)
+    header, body = display_rows(lb)
+    assert body[0][header.index("DP ε")] == "∞"
+    assert to_json_obj(lb)["rows"][0]["dp_epsilon"]["mean"] == "inf"
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_std_across_seeds_is_sample_std(tmp_path, n):
+    runs = tmp_path / "runs"
+    vals = [0.5, 0.7, 0.9][:n]
+    for s, v in enumerate(vals):
+        write_record(runs, make_record(seed=s, clean=v, robust=v / 2))
+    [lb] = build(runs)
+    assert lb.rows["clean_std"].iloc[0] == pytest.approx(np.std(vals, ddof=1))
+    assert list(itertools.chain(lb.rows["seed_list"])) == [" ".join(map(str, range(n)))]

@@ -1,0 +1,226 @@
+"""HTML reports: self-contained, every section present, text from records escaped, example
+images saved and read back, CLI behaviour.  (The real-browser check is in
+test_report_browser.py.)"""
+
+from __future__ import annotations
+
+import base64
+import re
+import struct
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from record_factory import make_record, write_examples, write_record
+
+from cfbench.cli import main
+from cfbench.leaderboard import build, write
+from cfbench.report import leaderboard_report, load_examples, report_after_run, run_report, save_examples
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.tags, self.attrs = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend(attrs)
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+
+
+def png_size(uri: str) -> tuple[int, int]:
+    assert uri.startswith("data:image/png;base64,")
+    raw = base64.b64decode(uri.split(",", 1)[1])
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
+    return struct.unpack(">II", raw[16:24])
+
+
+def assert_self_contained(html: str) -> _Collect:
+    p = _Collect()
+    p.feed(html)
+    assert "script" not in p.tags and "link" not in p.tags and "iframe" not in p.tags
+    for name, value in p.attrs:
+        if name in ("src", "href") and value and not value.startswith(("data:", "#")):
+            raise AssertionError(f"external reference {name}={value!r}")
+    assert not re.search(r"url\(\s*['\"]?(?!data:)", html), "CSS must not load anything"
+    for img in p.imgs:
+        w, h = png_size(img["src"])
+        assert w > 0 and h > 0
+    return p
+
+
+@pytest.fixture(scope="module")
+def run_store(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("store") / "runs"
+    me = write_record(runs, make_record(defense="pgd-at", family="adversarial", clean=0.95, robust=0.7,
+                                        flags=["Square found adversarial points that APGD missed"],
+                                        warnings=["data: only 40 non-members"]))
+    write_examples(me, counterfactual=True)
+    write_record(runs, make_record(defense="erm", clean=0.99, robust=0.0))
+    write_record(runs, make_record(defense="dp-sgd", family="dp", clean=0.8, robust=0.05, epsilon=2.5))
+    write_record(runs, make_record(defense="erm", eps=0.3))                    # other protocol
+    write_record(runs, make_record(defense="erm", seed=5, status="failed", reason="boom"))
+    return runs, me
+
+
+@pytest.fixture(scope="module")
+def full_report(run_store):
+    return run_report(run_store[1], with_predictions=False)
+
+
+@pytest.fixture
+def light_run(tmp_path):
+    """A run with few figures (no MIA, no AutoAttack, no examples): for CLI plumbing tests."""
+    return write_record(tmp_path / "light", make_record(evaluators=("clean", "pgd")))
+
+
+def test_run_report_has_every_section(run_store, full_report):
+    runs, me = run_store
+    html = full_report
+    p = assert_self_contained(html)
+    # figures: 2 trade-off, ROC, AutoAttack, training, 3 example grids (autoattack, pgd, counterfactual)
+    assert len(p.imgs) == 8
+    for text in ["Rebuild this report with", f"cfbench report {me}", "clean accuracy", "AutoAttack accuracy",
+                 "strongest MIA AUC", "Provenance", "abc123", "split_seed", "Membership inference",
+                 "lira_online", "AutoAttack breakdown", "apgd-ce",
+                 "Square found adversarial points that APGD missed", "data: only 40 non-members",
+                 "Training", "counterfactual", "adversarial", "ε", "Pareto"]:
+        assert text in html, text
+    # context: the 3 finished runs of this protocol, not the other eps nor the failed run
+    assert "among the 3 finished runs" in html
+    # n/a TPR at 0.01% with its reason as a tooltip
+    assert re.search(r'title="[^"]*not supported by the data[^"]*">n/a<', html)
+    # the DP run's epsilon in the table
+    assert "2.5" in html
+
+
+def test_run_report_of_failed_run(tmp_path):
+    d = write_record(tmp_path / "runs", make_record(status="failed", reason="TrainingDiverged: nan loss"))
+    html = run_report(d)
+    assert_self_contained(html)
+    assert "did not finish" in html and "TrainingDiverged: nan loss" in html
+
+
+def test_record_without_mia_or_autoattack(tmp_path):
+    d = write_record(tmp_path / "runs", make_record(evaluators=("clean", "pgd")))
+    html = run_report(d)
+    assert_self_contained(html)
+    assert "Membership inference was not evaluated" in html and "AutoAttack was not evaluated" in html
+
+
+def test_script_in_defense_renders_as_text(tmp_path):
+    evil = "<script>alert('x')</script>"
+    runs = tmp_path / "runs"
+    d = write_record(runs, make_record(defense=f"bad{evil}", description=f"about {evil}", evaluators=("clean", "mia"),
+                                       warnings=[f"warn {evil}"], params={"note": evil},
+                                       mia={f"a{evil}": {"auc": 0.6, "tpr.0.001": 0.01}}), "evil-run")
+    html = run_report(d)
+    assert "<script" not in html.lower()
+    assert html.count("&lt;script&gt;") >= 4
+    [lb] = build(runs)
+    paths = write(lb, tmp_path / "lb")
+    lhtml = leaderboard_report(lb.name, leaderboards=tmp_path / "lb")
+    for text in (lhtml, paths["html"].read_text()):
+        assert "<script" not in text.lower() and "&lt;script&gt;" in text
+
+
+def test_leaderboard_report(run_store, tmp_path):
+    runs, _ = run_store
+    boards = build(runs, "digits")
+    lbdir = tmp_path / "lb"
+    for lb in boards:
+        write(lb, lbdir)
+    name = next(b.name for b in boards if len(b.rows) == 3)
+    html = leaderboard_report(name, leaderboards=lbdir)
+    p = assert_self_contained(html)
+    assert len(p.imgs) == 3  # two trade-off plots + the ROC overlay (records found under runs)
+    assert f"cfbench report --leaderboard {name} --leaderboards {lbdir}" in html
+    assert "cfbench leaderboard --dataset digits" in html
+    for d in ("pgd-at", "erm", "dp-sgd"):
+        assert d in html
+
+
+def test_save_and_load_examples(tmp_path):
+    import torch
+
+    x = torch.rand(4, 1, 8, 8)
+    shared = {"pgd_examples": (x, x + 0.1, torch.tensor([1, 2, 3, 4])),
+              "counterfactual_examples": {"clean": x, "counterfactual": 1 - x, "y": torch.zeros(4)},
+              "broken_examples": (x, "not a tensor", None), "other": 1}
+    warnings = save_examples(shared, tmp_path / "examples.safetensors")
+    assert len(warnings) == 2 and all("not a tensor" in w or "NoneType" in w for w in warnings)
+    ex = load_examples(tmp_path)
+    assert set(ex) == {"pgd", "counterfactual", "broken"}
+    np.testing.assert_allclose(ex["pgd"]["adv"], (x + 0.1).numpy())
+    np.testing.assert_array_equal(ex["pgd"]["y"], [1, 2, 3, 4])
+    np.testing.assert_allclose(ex["counterfactual"]["counterfactual"], (1 - x).numpy())
+    # nothing to save: no file
+    assert save_examples({"a": 1}, tmp_path / "none.safetensors") == []
+    assert not (tmp_path / "none.safetensors").exists()
+    assert load_examples(tmp_path / "nowhere") == {}
+
+
+def test_report_cli(light_run, tmp_path, capsys):
+    runs, me = light_run.parent, light_run
+    out = tmp_path / "r.html"
+    assert main(["report", str(me), "--out", str(out)]) == 0
+    assert f"report   {out}" in capsys.readouterr().out
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    # by run id with --runs
+    assert main(["report", me.name, "--runs", str(runs), "--out", str(tmp_path / "r2.html")]) == 0
+    capsys.readouterr()
+    assert main(["report"]) == 2
+    assert "either a run" in capsys.readouterr().err
+    assert main(["report", "no-such-run", "--runs", str(runs)]) == 2
+    assert "no-such-run" in capsys.readouterr().err
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--leaderboard", "digits-cnn8-Linf-0.1x", "--leaderboards", str(tmp_path / "lb")]) == 2
+    err = capsys.readouterr().err
+    assert "digits-cnn8-Linf-0.1" in err and "Did you mean" in err
+    lout = tmp_path / "l.html"
+    assert main(["report", "--leaderboard", "digits-cnn8-Linf-0.1", "--leaderboards", str(tmp_path / "lb"),
+                 "--out", str(lout)]) == 0
+    assert lout.exists()
+
+
+def test_report_default_location(light_run, tmp_path, monkeypatch):
+    me = light_run
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(me)]) == 0
+    assert (tmp_path / "reports" / f"{me.name}.html").exists()
+
+
+def test_report_after_run_never_fails(light_run, tmp_path, capsys):
+    me = light_run
+    path = report_after_run(me)
+    assert path == me / "report.html" and path.exists()
+    assert f"report   {path}" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "record.json").write_text("{not json")
+    assert report_after_run(bad) is None
+    assert "could not write the run's report" in capsys.readouterr().err
+
+
+def test_cfbench_run_writes_report_and_examples(tmp_path, capsys):
+    """End to end through the CLI: a (tiny) real digits run saves its example images and
+    writes <run-dir>/report.html, printing the path."""
+    code = main(["run", "--defense", "erm", "--dataset", "digits", "--evaluators", "clean,pgd", "--out",
+                 str(tmp_path), "--quiet", "--set", "epochs=1", "--set", "pgd.n_examples=32",
+                 "--set", "pgd.steps=2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    [run_dir] = [p for p in tmp_path.iterdir() if p.name.startswith("digits-erm")]
+    report = run_dir / "report.html"
+    assert f"report   {report}" in out and report.exists()
+    ex = load_examples(run_dir)
+    assert set(ex["pgd"]) == {"clean", "adv", "y"} and ex["pgd"]["adv"].shape == (16, 1, 8, 8)
+    # PGD stays in the eps-ball around the clean images
+    assert np.abs(ex["pgd"]["adv"] - ex["pgd"]["clean"]).max() <= 0.1 + 1e-6
+    html = report.read_text()
+    assert_self_contained(html)
+    assert "pgd (adversarial)" in html and "saved model&#39;s prediction" in html
+    assert "model not available" not in html
