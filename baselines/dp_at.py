@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cfbench import dp
+from cfbench.errors import UsageError
 
 from .dp_sgd import DPSGD, DPSGDParams
 from .pgd_at import PGDAT, PGDATParams
@@ -37,6 +38,13 @@ from .pgd_at import PGDAT, PGDATParams
 @dataclass(frozen=True)
 class DPATParams(PGDATParams, DPSGDParams):
     """DP-SGD's privacy parameters and PGD-AT's attack parameters (steps, step_size, rand_init, mix)."""
+
+    def validate(self) -> None:
+        DPSGDParams.validate(self)
+        if self.grad_sample_mode == "ghost" and self.mix > 0:
+            raise UsageError(f"grad_sample_mode='ghost' cannot be combined with mix={self.mix}: Opacus' ghost "
+                             "clipping supports one forward pass per example and step, the mixed loss needs two. "
+                             "Valid choices: mix=0, or grad_sample_mode=hooks, ew or functorch.")
 
 
 class DPAT(DPSGD, PGDAT):
@@ -47,6 +55,9 @@ class DPAT(DPSGD, PGDAT):
     version = 1
     family = "dp"
     Params = DPATParams
+
+    def ghost_applies(self) -> bool:
+        return self.params.mix == 0
 
     def private_loss(self, model, x, y, batch):
         return PGDAT.loss(self, model, x, y, batch)

@@ -8,10 +8,14 @@ act on the privatised gradient only) takes the step.  The privacy loss of the wh
 accounted for by Opacus.
 
 How it is built (Opacus 1.6): per-sample gradients from an Opacus ``GradSampleModule`` in
-``grad_sample_mode`` (``hooks``, ``ew`` = PyTorch expanded weights, ``functorch``; all give
-the same per-sample gradients on cfbench's models, docs/dp.md compares their speed), the
+``grad_sample_mode`` (``hooks``, ``ew`` = PyTorch expanded weights, ``functorch``: the same
+per-sample gradients; or ``ghost``: Opacus' fast gradient clipping, the same clipped sum
+without materialising per-sample gradients, see :class:`cfbench.dp.GhostClipping`), the
 clipping and noise of Opacus' ``DPOptimizer``, Opacus' accountants, and the shared training
 loop (:func:`cfbench.training.train`) with the DPOptimizer, Poisson batches and a step hook.
+The default ``auto`` picks the fastest mode for the model on CPU (:func:`cfbench.dp.choose_mode`:
+ghost for cnn8 / cnn28, expanded weights for gap-cnn and the ResNets; docs/dp.md has the
+measurements).
 
 Choices the paper and Opacus leave open:
 
@@ -54,7 +58,7 @@ from cfbench.defense import Defense
 from cfbench.errors import UsageError
 from cfbench.params import param
 
-DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+DEFAULT_GRAD_SAMPLE_MODE = "auto"
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,9 @@ class DPSGDParams:
     delta: float | None = param(None, "delta of (epsilon, delta)-DP (default 1/(10 N), N = training-set size)",
                                 gt=0, lt=1)
     accountant: Literal["prv", "rdp"] = param("prv", "accountant of dp.epsilon (RDP is always also recorded)")
-    grad_sample_mode: Literal["hooks", "ew", "functorch"] = param(
-        DEFAULT_GRAD_SAMPLE_MODE, "Opacus per-sample-gradient mode (hooks, ew = expanded weights, functorch)")
+    grad_sample_mode: Literal["auto", "hooks", "ew", "functorch", "ghost"] = param(
+        DEFAULT_GRAD_SAMPLE_MODE, "Opacus per-sample-gradient mode: hooks, ew (expanded weights), functorch, "
+                                  "ghost (fast gradient clipping), or auto = the fastest for the model on CPU")
     fix_model: bool = param(True, "replace layers Opacus cannot train (BatchNorm -> GroupNorm) with "
                                   "ModuleValidator.fix; false = such a layer is an error")
 
@@ -103,13 +108,17 @@ class DPSGD(Defense):
         super().__init__(params)
         self._steps = 0          # noised optimizer steps taken (the accountant's history)
         self._empty = False      # the current Poisson batch is empty
+        self._ghost = None       # dp.GhostClipping in grad_sample_mode="ghost"
 
     # -- hooks of the shared loop ----------------------------------------------------------
     def loss(self, model, x, y, batch):
         if len(x) == 0:          # an empty Poisson batch: a noise-only step (see _step)
             self._empty = True
             return torch.zeros((), device=x.device, requires_grad=True)
-        return self.private_loss(model, x, y, batch)
+        out = self.private_loss(model, x, y, batch)
+        if self._ghost is not None:
+            self._ghost.first_pass(out[0] if isinstance(out, tuple) else out, len(x))
+        return out
 
     def private_loss(self, model, x, y, batch):
         """Mean loss of a non-empty batch through the private (per-sample-gradient) model."""
@@ -119,9 +128,17 @@ class DPSGD(Defense):
     def _step(self, optimizer) -> None:
         if self._empty:
             for p in optimizer.params:
-                p.grad_sample = p.new_zeros((0, *p.shape))
+                if self._ghost is not None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
             self._empty = False
         optimizer.step()
+        # drop the per-sample gradients now: the next loss hook runs (and, in "ew" mode, checks
+        # for stale per-sample gradients) before the shared loop's zero_grad
+        optimizer.zero_grad(set_to_none=True)
+        if self._ghost is not None:
+            self._ghost.after_step()
 
     def _count_step(self, optimizer) -> None:
         self._steps += 1
@@ -135,8 +152,6 @@ class DPSGD(Defense):
 
     # -- fit -------------------------------------------------------------------------------
     def fit(self, model, x, y, ctx) -> None:
-        from opacus.optimizers import DPOptimizer
-
         from cfbench.training import make_optimizer, train
 
         p, tp = self.params, ctx.train
@@ -151,21 +166,35 @@ class DPSGD(Defense):
         sigma = (p.noise_multiplier if p.noise_multiplier is not None
                  else dp.noise_for_epsilon(p.target_epsilon, delta, q, planned, p.accountant))
         model.to(ctx.device)
-        private = dp.wrap(model, p.grad_sample_mode)
+        mode = self.resolve_mode(model)
+        private = dp.wrap(model, mode, p.max_grad_norm)
         private.forbid_grad_accumulation()
-        optimizer = DPOptimizer(make_optimizer(model, tp), noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-                                expected_batch_size=q * n, loss_reduction="mean")
+        optimizer = dp.dp_optimizer(make_optimizer(model, tp), mode, noise_multiplier=sigma,
+                                    max_grad_norm=p.max_grad_norm, expected_batch_size=q * n)
         optimizer.attach_step_hook(self._count_step)
         self._steps, self._empty = 0, False
+        self._ghost = dp.GhostClipping(private) if mode == "ghost" else None
         try:
             with dp.quiet_hooks():
                 train(private, x, y, ctx, self.loss, state=self, optimizer=optimizer, step_fn=self._step,
                       batches=lambda epoch: dp.poisson_batches(n, q, per_epoch, dp.poisson_generator(ctx.seed, epoch)))
         finally:
+            if self._ghost is not None:
+                self._ghost.remove()
+                self._ghost = None
             dp.release(private)
-        self._record(ctx, sigma=sigma, q=q, delta=delta, n=n, planned=planned)
+        self._record(ctx, sigma=sigma, q=q, delta=delta, n=n, planned=planned, mode=mode)
 
-    def _record(self, ctx, *, sigma: float, q: float, delta: float, n: int, planned: int) -> None:
+    def resolve_mode(self, model) -> str:
+        """``grad_sample_mode``, with ``auto`` resolved by :func:`cfbench.dp.choose_mode`."""
+        mode = self.params.grad_sample_mode
+        return dp.choose_mode(model, allow_ghost=self.ghost_applies()) if mode == "auto" else mode
+
+    def ghost_applies(self) -> bool:
+        """Ghost clipping needs one forward pass per example and step."""
+        return True
+
+    def _record(self, ctx, *, sigma: float, q: float, delta: float, n: int, planned: int, mode: str) -> None:
         p, steps = self.params, self._steps
         eps_rdp, order = dp.rdp_epsilon(sigma, q, steps, delta)
         eps = eps_rdp if p.accountant == "rdp" else dp.epsilon(sigma, q, steps, delta, p.accountant)
@@ -178,7 +207,7 @@ class DPSGD(Defense):
         ctx.notes["dp"] = {
             "sampling": "Poisson (opacus UniformWithReplacementSampler), q = 1/ceil(N/B)",
             "training_set_size": n, "expected_batch_size": q * n, "planned_steps": planned,
-            "delta_rule": "given" if p.delta is not None else "1/(10 N)", "grad_sample_mode": p.grad_sample_mode,
+            "delta_rule": "given" if p.delta is not None else "1/(10 N)", "grad_sample_mode": mode,
             "secure_rng": False, "clipping": "flat (all parameters together)",
         }
         if steps != planned:

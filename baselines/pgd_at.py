@@ -49,10 +49,16 @@ class PGDAT(Defense):
         return batch.attack(model, x, y, steps=p.steps, step_size=self.step_size(batch.ctx.threat.eps),
                             rand_init=p.rand_init)
 
-    def loss(self, model, x, y, batch):
-        x_adv = self.adversarial(model, x, y, batch)
+    def per_sample_loss(self, model, x, y, batch, x_adv=None):
+        """Per-example training loss (vector) and the adversarial logits; ``x_adv`` reuses
+        adversarial examples already computed by :meth:`adversarial` (DeMem composes this)."""
+        x_adv = self.adversarial(model, x, y, batch) if x_adv is None else x_adv
         logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, reduction="none")
         if self.params.mix > 0:
-            loss = (1 - self.params.mix) * loss + self.params.mix * F.cross_entropy(model(x), y)
+            loss = (1 - self.params.mix) * loss + self.params.mix * F.cross_entropy(model(x), y, reduction="none")
         return loss, logits
+
+    def loss(self, model, x, y, batch):
+        loss, logits = self.per_sample_loss(model, x, y, batch)
+        return loss.mean(), logits

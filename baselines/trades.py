@@ -56,9 +56,15 @@ class TRADES(Defense):
         return batch.attack(model, x, y, steps=p.steps, step_size=alpha, x_init=x_init,
                             loss_fn=lambda logits, _y: kl_sum(logits, clean_probs))
 
-    def loss(self, model, x, y, batch):
-        x_adv = self.adversarial(model, x, y, batch)
+    def per_sample_loss(self, model, x, y, batch, x_adv=None):
+        """Per-example CE(f(x_i), y_i) + beta * KL_i (vector) and the clean logits; ``x_adv``
+        reuses adversarial examples already computed by :meth:`adversarial` (DeMem composes this)."""
+        x_adv = self.adversarial(model, x, y, batch) if x_adv is None else x_adv
         logits = model(x)
-        natural = F.cross_entropy(logits, y)
-        robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        natural = F.cross_entropy(logits, y, reduction="none")
+        robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="none").sum(1)
         return natural + self.params.beta * robust, logits
+
+    def loss(self, model, x, y, batch):
+        loss, logits = self.per_sample_loss(model, x, y, batch)
+        return loss.mean(), logits  # = mean CE + beta * batchmean KL (the reference code's reduction)

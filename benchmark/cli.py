@@ -77,6 +77,9 @@ def cmd_run(args) -> int:
                       sets=parse_sets(args.set), evaluators=evaluators, device=args.device,
                       data_dir=args.data_dir, download=args.download)
     progress = not args.quiet
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         outcome = execute(cfg, args.out, force=args.force, progress=progress,
                           log=(lambda *a: print(*a, file=sys.stderr)))
@@ -153,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--download", action="store_true", help="download the dataset through torchvision if installed")
     r.add_argument("--force", action="store_true", help="recompute even if a finished run with this config exists")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch intra-op CPU threads (default: torch's choice; 1 is fastest for the tiny "
+                        "digits models, especially on a shared machine)")
     r.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("list", help="registered defenses, datasets, models, attacks and evaluators")

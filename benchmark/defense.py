@@ -51,6 +51,12 @@ class FitContext:
     notes: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # set by cfbench.runner.fit_recipe (None when a defense is fitted directly): the run's
+    # RunConfig and RunData, and the positions in data's pool of the training examples x
+    # (a defense that needs the run's reference models, e.g. DeMem's oracle, uses them)
+    config: Any = None
+    data: Any = None
+    pool_positions: Any = None
 
 
 @dataclass

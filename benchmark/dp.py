@@ -36,8 +36,9 @@ from torch import nn
 from .errors import UsageError
 
 ACCOUNTANTS = ("prv", "rdp")
-#: per-sample-gradient modes of Opacus that apply to cfbench's models (see docs/dp.md)
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+#: per-sample-gradient modes of Opacus that apply to cfbench's models (see docs/dp.md);
+#: "ghost" is Opacus' fast gradient clipping (per-sample norms without per-sample gradients)
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")
 
 
 # -- accounting (pure functions) ----------------------------------------------------------
@@ -73,6 +74,7 @@ def _accountant(name: str):
     return create_accountant(mechanism=name)
 
 
+@functools.lru_cache(maxsize=256)
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
             accountant: str = "prv") -> float:
     """epsilon of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
@@ -92,6 +94,7 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return float(acc.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=256)
 def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, float | None]:
     """RDP epsilon (as :func:`epsilon` with ``accountant="rdp"``) and the Renyi order attaining it."""
     if steps == 0:
@@ -219,13 +222,99 @@ def make_compatible(model: nn.Module, fix: bool = True) -> list[str]:
         model.train(was_training)
 
 
-def wrap(model: nn.Module, mode: str) -> nn.Module:
-    """Wrap ``model`` (in place: the wrapper holds the same module) for per-sample gradients."""
+#: layer types PyTorch's expanded weights (grad_sample_mode="ew") computes per-sample gradients for
+_EW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm, nn.LayerNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def choose_mode(model: nn.Module, *, allow_ghost: bool = True) -> str:
+    """The fastest correct per-sample-gradient mode for ``model`` on CPU (``grad_sample_mode=auto``).
+
+    Measured in ``benchmarks/bench_dp.py`` (docs/dp.md): ghost clipping saves materialising
+    the per-sample gradients of the layers it clips by their ghost norm (Opacus 1.6:
+    ``nn.Linear``, ``nn.Embedding``) at the price of a second backward pass, so it is
+    fastest when those layers hold most of the trainable parameters (cnn8, cnn28) and
+    slowest when convolutions do (gap-cnn, the ResNets); there expanded weights (``ew``) is
+    fastest, when every trainable layer is of a type it supports; otherwise ``hooks``
+    (Opacus' default, which falls back to functorch for unknown layers).
+    """
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    layers = list(_trainable_modules(model))
+    total = sum(p.numel() for _, m in layers for p in m.parameters(recurse=False) if p.requires_grad)
+    ghost_normed = sum(p.numel() for _, m in layers if type(m) in GradSampleModuleFastGradientClipping.NORM_SAMPLERS
+                       for p in m.parameters(recurse=False) if p.requires_grad)
+    if allow_ghost and total and ghost_normed / total > 0.5:
+        return "ghost"
+    if layers and all(type(m) in _EW_LAYERS for _, m in layers):
+        return "ew"
+    return "hooks"
+
+
+def wrap(model: nn.Module, mode: str, max_grad_norm: float = 1.0) -> nn.Module:
+    """Wrap ``model`` (in place: the wrapper holds the same module) for per-sample gradients
+    (for ghost clipping: per-sample gradient norms and clipping coefficients)."""
     from opacus.grad_sample.utils import prepare_module
 
     if mode not in GRAD_SAMPLE_MODES:
         raise UsageError(f"unknown grad_sample_mode {mode!r}. Valid choices: {', '.join(GRAD_SAMPLE_MODES)}.")
-    return prepare_module(model, mode, batch_first=True, loss_reduction="mean")
+    extra = {"max_grad_norm": max_grad_norm} if mode == "ghost" else {}
+    return prepare_module(model, mode, batch_first=True, loss_reduction="mean", **extra)
+
+
+def dp_optimizer(optimizer: torch.optim.Optimizer, mode: str, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: float):
+    """Opacus' DPOptimizer for ``mode`` (``DPOptimizerFastGradientClipping`` for ghost clipping)
+    around ``optimizer``; noise from PyTorch's default generator."""
+    from opacus.optimizers import get_optimizer_class
+
+    cls = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+    return cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+               expected_batch_size=expected_batch_size, loss_reduction="mean")
+
+
+class GhostClipping:
+    """Opacus' ghost clipping (Li et al. 2022; Bu et al. 2023) inside a loop that calls
+    ``loss.backward()`` once.
+
+    Opacus packages its two backward passes into ``DPLossFastGradientClipping``, whose loss
+    is not a tensor.  Here the loss hook runs the first pass itself (:meth:`first_pass`:
+    hooks on, per-sample gradient norms, clipping coefficients ``c_i``), and the loop's own
+    ``backward()`` is the second pass: hooks off, and a tensor hook on every output of the
+    private model multiplies row ``i`` of the incoming gradient by ``c_i * B``.  For a loss
+    that is the batch mean of per-example terms (``d loss / d logits_i = grad l_i / B``) this
+    yields ``sum_i c_i grad l_i``: the clipped sum that Opacus' ``sum(c_i * l_i).backward()``
+    gives.  Needs one output row per example (no batch coupling, which Opacus' validation
+    already guarantees) and one forward per example per step (Opacus' ghost clipping does not
+    support a layer used twice).
+    """
+
+    def __init__(self, private: nn.Module):
+        self.private = private
+        self.scale: torch.Tensor | None = None
+        self._handle = private.register_forward_hook(self._on_output)
+
+    def _on_output(self, module, inputs, out):
+        if torch.is_grad_enabled() and torch.is_tensor(out) and out.requires_grad:
+            out.register_hook(self._scale_rows)
+
+    def _scale_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return grad
+        return grad * self.scale.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+
+    def first_pass(self, loss: torch.Tensor, batch_size: int) -> None:
+        self.scale = None
+        loss.backward(retain_graph=True)
+        self.scale = self.private.get_clipping_coef() * batch_size
+        self.private.disable_hooks()
+
+    def after_step(self) -> None:
+        self.scale = None
+        self.private.enable_hooks()
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def unwrap(private: nn.Module) -> nn.Module:

@@ -472,6 +472,8 @@ def load_records(runs: str | Path, dataset: str | None = None) -> tuple[list[dic
     for rec in iter_records(runs, status=None):
         if not isinstance(rec.get("config"), Mapping):
             continue
+        if "_cache" in Path(rec["_path"]).relative_to(runs).parts:  # runner.CACHE_DIR: not runs
+            continue
         ds = ((rec["config"].get("dataset") or {}).get("name"))
         seen_datasets.add(ds)
         if dataset is not None and ds != dataset:
@@ -647,8 +649,9 @@ def to_csv(lb: Leaderboard) -> str:
     ``pandas.read_csv(path, comment="#")``."""
     import io
 
-    head = [f"# leaderboard {lb.name}", f"# rebuild: {lb.command}", f"# protocol {lb.protocol_id}: "
-            + _canon(lb.protocol), f"# {lb.pareto_text()}", f"# robust accuracy: {lb.robust_source or 'not evaluated'}; "
+    head = [f"# leaderboard {lb.name}", f"# rebuild: {lb.command}",
+            f"# protocol {lb.protocol_id}: {_canon(lb.protocol)}", f"# {lb.pareto_text()}",
+            f"# robust accuracy: {lb.robust_source or 'not evaluated'}; "
             f"leakage for the Pareto rank: {lb.leakage_label}"]
     df = lb.rows[CSV_COLUMNS].rename(columns=_csv_name)
     buf = io.StringIO()
@@ -685,7 +688,8 @@ def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
             "defense_version": _json_num(r["defense_version"]), "family": r["family"],
             "description": r["description"],
             "params": json.loads(r["params"]), "train": json.loads(r["train"]),
-            "seeds": int(r["seeds"]), "n_records": int(r["n_records"]), "seed_list": [int(s) for s in str(r["seed_list"]).split()],
+            "seeds": int(r["seeds"]), "n_records": int(r["n_records"]),
+            "seed_list": [int(s) for s in str(r["seed_list"]).split()],
             "run_ids": str(r["run_ids"]).split(),
         }
         for c in ("clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s"):

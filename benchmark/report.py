@@ -173,9 +173,11 @@ def _cards(rec: Mapping[str, Any]) -> list[dict[str, str]]:
         card("strongest MIA AUC", {"value": None if math.isnan(auc["value"]) else auc["value"],
                                    "ci_low": auc["ci_low"], "ci_high": auc["ci_high"]},
              percent=False, sub=str(auc["attack"] or ""))
+        raw = m.get(f"mia.best.tpr_at_fpr.{LEAKAGE_FPR}")
+        reason = raw.get("reason") if isinstance(raw, Mapping) and math.isnan(tpr["value"]) else None
         card("strongest TPR @ 0.1% FPR", {"value": None if math.isnan(tpr["value"]) else tpr["value"],
                                           "ci_low": tpr["ci_low"], "ci_high": tpr["ci_high"]},
-             digits=2, sub=str(tpr["attack"] or ""))
+             digits=2, sub=str(tpr["attack"] or reason or ""))
     else:
         cards.append({"label": "membership inference", "value": "n/a", "sub": "not evaluated in this run"})
     if "dp.epsilon" in m:
@@ -369,17 +371,16 @@ def _examples(rec: Mapping[str, Any], run_dir: Path, *, with_predictions: bool =
 def _context(rec: Mapping[str, Any], runs: Path | None):
     """The leaderboard of the run's protocol among the finished runs in ``runs`` (with
     this run included even if it is not stored there), or None."""
-    from .leaderboard import aggregate, protocol_id, protocol_of
-    from .results import iter_records
+    from .leaderboard import aggregate, load_records, protocol_id, protocol_of
 
+    if rec.get("status") != "ok":
+        return None
     pid = protocol_id(protocol_of(rec))
     others = []
     if runs is not None and runs.is_dir():
-        for r in iter_records(runs, status="ok"):
+        for r in load_records(runs)[0]:
             if r.get("config_hash") != rec.get("config_hash") and protocol_id(protocol_of(r)) == pid:
                 others.append(r)
-    if rec.get("status") != "ok":
-        return None
     return aggregate([rec] + others, runs=str(runs) if runs else ".")
 
 

@@ -49,6 +49,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; records are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,6 +122,7 @@ def save_model(model, path: Path, meta: dict[str, Any]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"cfbench": json.dumps(_clean(meta))})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -20,7 +20,8 @@ set round trip
     :func:`cfbench.params.build` to the same value; so is every declared choice; a malformed
     value of a non-string field is a :class:`~cfbench.errors.UsageError` naming the field.
 fit
-    ``fit`` on a tiny digits subset (default: 128 examples, 1 epoch, ``cnn8`` of width 8)
+    ``fit`` on a tiny digits run (default: 128 members of a seeded pool of 256, 1 epoch,
+    ``cnn8`` of width 8; the context carries the run's config and data as in a real run)
     trains the model it was given *in place* (the weights change), leaves every parameter,
     buffer and output finite, does not modify the training tensors, leaves autograd enabled,
     and puts only JSON-serialisable values into ``ctx.metrics`` / ``ctx.notes``.
@@ -311,6 +312,7 @@ class _Setup:
     ds: Any
     device: torch.device
     root: Path
+    data: Any = None            # the RunData the members came from (as in a run)
 
 
 def _fit(s: _Setup, *, epochs: int, ckpt: Path, cls=None):
@@ -324,9 +326,15 @@ def _fit(s: _Setup, *, epochs: int, ckpt: Path, cls=None):
                         P.to_dict(s.cfg.model_params))
     initial = _state(model)
     train = dataclasses.replace(s.cfg.resolved_train(), epochs=epochs)
+    # what cfbench.runner.fit_recipe passes besides (the fields exist from plugin API 1 on
+    # cfbench versions that give defenses the run's config and data)
+    run_fields = {"config": s.cfg, "data": s.data,
+                  "pool_positions": None if s.data is None else s.data.member_mask.nonzero()[0]}
+    known = {f.name for f in dataclasses.fields(FitContext)}
     ctx = FitContext(threat=threat_of(s.cfg), train=train, device=s.device, seed=s.cfg.seed,
                      num_classes=s.ds.num_classes, augmentation="shift", checkpoint_dir=ckpt,
-                     cache_dir=s.root / "cache", progress=False, desc="contract")
+                     cache_dir=s.root / "cache", progress=False, desc="contract",
+                     **{k: v for k, v in run_fields.items() if k in known})
     defense = cls(s.params)
     try:
         defense.fit(model, s.x, s.y, ctx)
@@ -339,12 +347,33 @@ def _fit(s: _Setup, *, epochs: int, ckpt: Path, cls=None):
 def check_defense(defense_cls, params: dict[str, Any] | None = None, *, n_train: int = 128,
                   epochs: int = 1, batch_size: int = 64, model: str | None = None,
                   model_params: dict[str, Any] | None = None, seed: int = 0, norm: str = "Linf",
-                  eps: float = 0.1, device: str = "cpu", check_resume: bool = True) -> ContractReport:
+                  eps: float = 0.1, device: str = "cpu", check_resume: bool = True,
+                  threads: int | None = 1) -> ContractReport:
     """Run the defense contract (module docstring) and return what was checked.
 
     ``params`` are defense settings in ``--set`` form (strings or values); the default is
-    :func:`quick_settings`.  Raises :class:`ContractError` at the first broken rule.
+    :func:`quick_settings`.  ``n_train`` members are drawn from a pool of ``2 * n_train``
+    digits training images (at most 648).  The tiny fits run with ``threads`` torch threads
+    (default 1, restored afterwards: on a busy machine, spinning OpenMP threads make tiny
+    convolutions 10-50x slower; ``None`` leaves the setting alone).  Raises
+    :class:`ContractError` at the first broken rule.
     """
+    if threads is None:
+        return _check_defense(defense_cls, params, n_train=n_train, epochs=epochs, batch_size=batch_size,
+                              model=model, model_params=model_params, seed=seed, norm=norm, eps=eps,
+                              device=device, check_resume=check_resume)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _check_defense(defense_cls, params, n_train=n_train, epochs=epochs, batch_size=batch_size,
+                              model=model, model_params=model_params, seed=seed, norm=norm, eps=eps,
+                              device=device, check_resume=check_resume)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_defense(defense_cls, params, *, n_train, epochs, batch_size, model, model_params, seed, norm, eps,
+                   device, check_resume) -> ContractReport:
     from .config import DataParams, RunConfig, ThreatParams, TrainParams
     from .defense import Defense
 
@@ -375,7 +404,8 @@ def check_defense(defense_cls, params: dict[str, Any] | None = None, *, n_train:
                     model_params=model_params_obj,
                     train=TrainParams(epochs=epochs, batch_size=batch_size, lr=0.05),
                     threat=ThreatParams(norm=norm, eps=eps),  # type: ignore[arg-type]
-                    data=DataParams(), evaluators=(), evaluator_params={}, device=device)
+                    data=DataParams(pool_size=2 * n_train, test_size=100), evaluators=(),
+                    evaluator_params={}, device=device)
     if getattr(cls.check_config, "__func__", None) is not Defense.check_config.__func__:
         try:
             cls.check_config(cfg)
@@ -384,12 +414,15 @@ def check_defense(defense_cls, params: dict[str, Any] | None = None, *, n_train:
                                              f"{norm} eps={eps}, {settings}): {e}") from e
         report.passed.append("check_config")
 
+    from .data.splits import make_split
+
     ds = _digits()
-    x = torch.from_numpy(ds.x_train[:n_train].copy())
-    y = torch.from_numpy(ds.y_train[:n_train].copy())
+    # a run's split in miniature: a pool of 2 * n_train, half of it members (the training set)
+    data = make_split(ds, cfg.data.pool_size, cfg.data.member_fraction, cfg.data.split_seed, cfg.data.test_size)
+    x, y = data.x_train, data.y_train
     x0, y0 = x.clone(), y.clone()
     with tempfile.TemporaryDirectory(prefix="cfbench-contract-") as tmp:
-        s = _Setup(cls, defense_params, cfg, x, y, ds, torch.device(device), Path(tmp))
+        s = _Setup(cls, defense_params, cfg, x, y, ds, torch.device(device), Path(tmp), data)
         grad_before = torch.is_grad_enabled()
         model_a, ctx_a, initial = _fit(s, epochs=epochs, ckpt=s.root / "a")
         if not (torch.equal(x, x0) and torch.equal(y, y0)):

@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("CFBENCH_TEST", "1")
 
+# The test models are tiny: one intra-op thread is faster than two (thread hand-offs cost more
+# than the convolutions), and far faster when other processes share the two cores.
+torch.set_num_threads(1)
+
 #: settings that make a digits run take seconds (the real defaults take minutes)
 FAST = {"epochs": 3, "autoattack.n_examples": 20, "pgd.n_examples": 100, "pgd.steps": 5}
 

@@ -218,6 +218,18 @@ def test_train_reference_is_a_pure_cached_function(leak, monkeypatch):
     assert not m.training
 
 
+def test_without_reference_models_only_reference_free_attacks(leak):
+    cfg = make_config(dataset="digits", defense="erm", evaluators=["mia"],
+                      sets={**SETS, "mia.reference_models": 0, "mia.adversarial": False})
+    res = _evaluate(cfg, leak["data"], leak["model"], leak["tmp"], run_name="k0")
+    attacks = {k.split(".")[1] for k in res.metrics if k.endswith(".auc")}
+    assert attacks == set(THRESHOLD) | {"best"}
+    assert any("reference_models=0" in w for w in res.warnings)
+    # same target, same signals: the global threshold attacks agree with the full evaluation
+    for a in THRESHOLD:
+        assert res.metrics[f"mia.{a}.auc"] == leak["res"].metrics[f"mia.{a}.auc"]
+
+
 # --------------------------------------------------------------------------------------------
 # reference subsets
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,17 @@ TINY_RUN = ["--dataset", "digits", "--evaluators", "clean", "--quiet", "--set", 
             "--set", "pool_size=200", "--set", "test_size=100"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The runs here are tiny: one torch thread is much faster than contending ones on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch):
     monkeypatch.delenv("CFBENCH_DISABLE_PLUGIN_AUTOLOAD", raising=False)
@@ -304,7 +315,7 @@ def test_example_package_installs_and_runs_end_to_end(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path / "site"
-    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1"}
     env.pop("CFBENCH_DISABLE_PLUGIN_AUTOLOAD", None)
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                           "--target", str(target), str(src)], capture_output=True, text=True, env=env, timeout=300)
@@ -338,3 +349,40 @@ def test_the_guide_shows_the_example_package_verbatim():
     toml_blocks = re.findall(r"```toml\n(.*?)```", guide, flags=re.S)
     assert python_blocks[0] == (EXAMPLE / "cfbench_mart.py").read_text(encoding="utf-8")
     assert toml_blocks[0] == (EXAMPLE / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_example_mart_loss_matches_the_papers_formula_example_by_example(monkeypatch):
+    """MART = mean_i [-log p'_y - log(1.0001 - max_{k!=y} p'_k)] + beta * mean_i KL(p_i || p'_i) (1 - p_y),
+    computed here with plain loops in float64 (constants as in the reference code)."""
+    import math
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    sys.modules.pop("cfbench_mart", None)
+    from cfbench_mart import mart_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    logits_adv = 3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    beta = 6.0
+    bce, rob = [], []
+    for i in range(6):
+        p = [math.exp(v) for v in logits[i].tolist()]
+        p = [v / sum(p) for v in p]
+        q = [math.exp(v) for v in logits_adv[i].tolist()]
+        q = [v / sum(q) for v in q]
+        yi = int(y[i])
+        wrong = max((k for k in range(5) if k != yi), key=lambda k: q[k])
+        bce.append(-math.log(q[yi]) - math.log(1.0001 - q[wrong] + 1e-12))
+        kl = sum(p[j] * (math.log(p[j]) - math.log(q[j] + 1e-12)) for j in range(5))
+        rob.append(kl * (1.0000001 - p[yi]))
+    want = sum(bce) / 6 + beta * sum(rob) / 6
+    got = mart_loss(logits, logits_adv, y, beta)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    # the clean distribution is not detached (as in the reference code): the KL term moves clean logits
+    (grad,) = torch.autograd.grad(got, logits)
+    assert grad.abs().sum() > 0
+    assert mart_loss(logits, logits_adv, y, 0.0).item() == pytest.approx(sum(bce) / 6, rel=1e-9)
+    sys.modules.pop("cfbench_mart", None)

@@ -205,6 +205,7 @@ def test_report_after_run_never_fails(light_run, tmp_path, capsys):
     assert "could not write the run's report" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cfbench_run_writes_report_and_examples(tmp_path, capsys):
     """End to end through the CLI: a (tiny) real digits run saves its example images and
     writes <run-dir>/report.html, printing the path."""
@@ -224,3 +225,14 @@ def test_cfbench_run_writes_report_and_examples(tmp_path, capsys):
     assert_self_contained(html)
     assert "pgd (adversarial)" in html and "saved model&#39;s prediction" in html
     assert "model not available" not in html
+
+
+def test_pareto_front_2d_of_the_plots():
+    from cfbench.plots import pareto_front_2d
+
+    xs = [0.9, 0.8, 0.95, 0.7, 0.85, float("nan")]
+    ys = [0.5, 0.6, 0.1, 0.7, 0.4, 0.9]
+    # both up: (0.85, 0.4) is dominated by (0.9, 0.5); the NaN point is not plotted
+    assert pareto_front_2d(xs, ys, True, True) == [3, 1, 0, 2]
+    # y down (leakage): (0.95, 0.1) dominates everything with smaller x and larger y
+    assert pareto_front_2d(xs, ys, True, False) == [2]

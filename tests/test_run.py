@@ -18,7 +18,8 @@ from cfbench.config import make_config
 from cfbench.results import load_model, read_record
 from cfbench.runner import execute
 
-FAST_SETS = ["epochs=3", "autoattack.n_examples=20", "pgd.n_examples=100", "pgd.steps=5", "steps=3"]
+# eps=0.3 on digits leaves AutoAttack almost nothing to attack after APGD-CE, which keeps this fast
+FAST_SETS = ["epochs=3", "autoattack.n_examples=20", "pgd.n_examples=100", "pgd.steps=5", "steps=3", "eps=0.3"]
 
 
 def _cli(*args):

@@ -330,6 +330,7 @@ def save_scores(path: Path, scores: dict[str, np.ndarray], member: np.ndarray, *
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, member=np.asarray(member, dtype=bool),
                                 attacks=np.array(list(scores), dtype=str),
@@ -411,10 +412,12 @@ class MembershipInference(Evaluator):
         signals_reused, signals_computed = [], []
         target_key = {"model": "target", "weights": C.weights_sha256(ctx.model), **data_key}
         tpath = C.signal_path(ctx.cache_dir, target_key)
-        arrays = C.load_signals(tpath, ("pool", "population"))
+        need = ("pool", "population") if k else ("pool",)        # the population serves RMIA only
+        arrays = C.load_signals(tpath, need)
         if arrays is None:
-            arrays = {"pool": C.query_logits(ctx.model, x_pool, augs, ctx.device, p.batch_size),
-                      "population": C.query_logits(ctx.model, x_pop, augs, ctx.device, p.batch_size)}
+            arrays = {"pool": C.query_logits(ctx.model, x_pool, augs, ctx.device, p.batch_size)}
+            if k:
+                arrays["population"] = C.query_logits(ctx.model, x_pop, augs, ctx.device, p.batch_size)
             C.save_signals(tpath, arrays, {"model": "target", **target_key})
             signals_computed.append("target")
         else:
@@ -438,7 +441,7 @@ class MembershipInference(Evaluator):
             else:
                 signals_reused.append("target-adv")
             adv_logits = adv["pool_adv"]
-        target = model_features(arrays["pool"], y_pool, arrays["population"], y_pop,
+        target = model_features(arrays["pool"], y_pool, arrays.get("population"), y_pop,
                                 temperature=p.rmia_temperature)
         ref_feats = []
         for i in range(k):

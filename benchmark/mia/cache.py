@@ -183,6 +183,7 @@ def save_signals(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)          # mkstemp creates 0600; cached files are meant to be shared
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
                   metadata={"cfbench": json.dumps(meta, default=str)})
         os.replace(tmp, path)

@@ -145,6 +145,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, A
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)          # mkstemp creates 0600; cached files are meant to be shared
         save_file(tensors, tmp, metadata={"cfbench": json.dumps(meta, default=str)})
         os.replace(tmp, path)
     except BaseException:
@@ -191,7 +192,8 @@ def train_reference(cfg, data, index: int, cache_dir: str | Path, *, seed: int |
     t0 = time.perf_counter()
     model, fctx = runner.fit_recipe(
         cfg, data, x, y, seed=reference_train_seed(index, seed), checkpoint_dir=ckpt,
-        cache_dir=Path(cache_dir), progress=progress, desc=f"{cfg.defense} reference {index}")
+        cache_dir=Path(cache_dir), progress=progress, desc=f"{cfg.defense} reference {index}",
+        pool_positions=np.flatnonzero(mask))
     seconds = time.perf_counter() - t0
     tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     meta = {

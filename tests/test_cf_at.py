@@ -1,0 +1,236 @@
+"""Counterfactual adversarial training (cf-at) and its prototype-guided generator (proto-cf)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cfbench import params as P
+from cfbench.attacks.base import ThreatModel
+from cfbench.attacks.proto_cf import ProtoCF, ProtoCFParams, load_tensors, nearest_other_class
+from cfbench.config import TrainParams, make_config
+from cfbench.defense import FitContext
+from cfbench.errors import UsageError
+from cfbench.models import build_model
+from cfbench_baselines.cf_at import EXAMPLES_FILE, CFAT, CFATParams
+from cfbench_baselines.erm import ERM
+
+N = 160
+#: a fast generator recipe: the full defaults (1000 x 2 iterations) take minutes per batch
+FAST_CF = {"steps": 30, "c_steps": 1, "ae_epochs": 5}
+
+
+@pytest.fixture(scope="module")
+def data():
+    from cfbench.data.specs import Digits
+
+    ds = Digits().load()
+    x = torch.from_numpy(ds.x_train[:N].copy())
+    y = torch.from_numpy(ds.y_train[:N].copy())
+    return ds, x, y
+
+
+def _model(ds, seed=0):
+    torch.manual_seed(seed)
+    return build_model("cnn8", ds.shape, ds.num_classes, ds.mean, ds.std, {"width": 8})
+
+
+def _ctx(tmp_path=None, *, epochs=2, seed=0, run_dir=None):
+    return FitContext(threat=ThreatModel("Linf", 0.1), train=TrainParams(epochs=epochs, batch_size=32, lr=0.05),
+                      device=torch.device("cpu"), seed=seed, num_classes=10, augmentation="shift",
+                      checkpoint_dir=(run_dir / "checkpoints") if run_dir else None,
+                      cache_dir=tmp_path, progress=False)
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def classifier(data):
+    ds, x, y = data
+    m = _model(ds)
+    ERM().fit(m, x, y, _ctx(epochs=8))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def generator(data):
+    ds, x, y = data
+    return ProtoCF(ProtoCFParams(**FAST_CF)).fit(x, y, seed=0)
+
+
+# -- the generator -------------------------------------------------------------------------------
+
+def test_generator_flips_the_large_majority_of_digits(data, classifier, generator):
+    _, x, y = data
+    nn = generator.nearest_other_class()
+    idx = torch.arange(64)
+    x0, target = x[nn[idx]], y[idx]
+    assert (y[nn[idx]] != target).all()
+    res = generator.generate(classifier, x0, target)
+    # independent check of validity: the classifier's own argmax on the returned images
+    with torch.no_grad():
+        pred = classifier(res.x).argmax(1)
+    assert torch.equal(res.valid, pred == target)
+    flip = res.valid.float().mean().item()
+    assert flip > 0.8, f"flip rate {flip:.2f}"          # measured 1.00 with these settings
+    assert res.x.min() >= 0 and res.x.max() <= 1
+    assert res.x.shape == x0.shape
+    # the counterfactual moved: towards the target, away from the explained instance
+    assert (res.x - x0).flatten(1).abs().sum(1)[res.valid].min() > 0
+
+
+def test_l1_threshold_makes_perturbations_sparser(data, classifier, generator):
+    _, x, y = data
+    nn = generator.nearest_other_class()
+    x0, target = x[nn[:24]], y[:24]
+    changed = {}
+    for beta in (0.0, 0.3):
+        g = ProtoCF(dataclasses.replace(generator.params, beta=beta))
+        g.ae, g.codes, g.labels, g.x_fit = generator.ae, generator.codes, generator.labels, generator.x_fit
+        res = g.generate(classifier, x0, target)
+        changed[beta] = ((res.x - x0).abs() > 1e-6).float().flatten(1).sum(1)[res.valid].mean().item()
+    assert changed[0.3] < changed[0.0]
+
+
+def test_nearest_other_class_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randn(300, 2, 3, 3, generator=g)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    got = nearest_other_class(codes, labels, chunk=37).numpy()
+    c, lab = codes.flatten(1).double().numpy(), labels.numpy()
+    for i in range(len(c)):
+        d = ((c - c[i]) ** 2).sum(1)
+        d[lab == lab[i]] = np.inf
+        assert got[i] == int(np.argmin(d))
+
+
+def test_prototypes_match_brute_force(generator):
+    g = torch.Generator().manual_seed(2)
+    q = generator.codes[torch.randint(0, N, (20,), generator=g)] + 0.01
+    target = torch.randint(0, 10, (20,), generator=g)
+    proto = generator.prototypes(q, target).numpy()
+    codes, labels = generator.codes.double().numpy(), generator.labels.numpy()
+    k = generator.params.proto_k
+    for i in range(20):
+        pool = codes[labels == int(target[i])]
+        d = ((pool - q[i].double().numpy()) ** 2).sum(1)
+        np.testing.assert_allclose(proto[i], pool[np.argsort(d, kind="stable")[:k]].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_generator_needs_fit_and_sane_input(data, classifier, generator):
+    _, x, y = data
+    with pytest.raises(UsageError, match="fit"):
+        ProtoCF().perturb(classifier, x[:2], y[:2], ThreatModel("Linf", 0.1))
+    with pytest.raises(UsageError, match=r"\[0, 1\]"):
+        generator.generate(classifier, x[:2] * 3, y[:2])
+    with pytest.raises(UsageError, match="target classes"):
+        generator.generate(classifier, x[:2], y[:3])
+
+
+# -- the defense ------------------------------------------------------------------------------------
+
+def test_p0_is_bit_identical_to_erm(data, tmp_path):
+    ds, x, y = data
+    a, b = _model(ds), _model(ds)
+    ctx = _ctx(tmp_path)
+    CFAT(P.build(CFATParams, {"p": 0})).fit(a, x, y, ctx)
+    ERM().fit(b, x, y, _ctx(tmp_path))
+    assert _equal(_state(a), _state(b))
+    assert ctx.metrics["cf.replaced"] == 0
+    assert not (tmp_path / "cf-at").exists()        # nothing generated
+
+
+def test_fit_replaces_a_fraction_caches_and_reuses(data, tmp_path, monkeypatch):
+    ds, x, y = data
+    prm = P.build(CFATParams, {"p": 0.5, **FAST_CF})
+    run = tmp_path / "run"
+    ctx = _ctx(tmp_path / "cache", run_dir=run)
+    model = _model(ds)
+    CFAT(prm).fit(model, x, y, ctx)
+    m = ctx.metrics
+    assert m["cf.flip_rate"]["value"] > 0.8
+    assert m["cf.replaced"] == round(m["cf.replaced_fraction"] * N)
+    assert ctx.notes["counterfactuals"]["requested"] == N // 2
+    assert m["cf.replaced"] == N // 2 - ctx.notes["counterfactuals"]["failed_in_chosen"]
+    for key in ("cf.l1", "cf.l2", "cf.l1_to_x", "cf.l2_to_x", "cf.ae_error", "cf.ae_error_data",
+                "cf.target_flip_rate", "cf.generator.train_accuracy"):
+        assert key in m
+    assert ctx.notes["counterfactuals"]["cached"] is False
+
+    # the generated set on disk: valid counterfactuals are classified as their label by the generator
+    # classifier, which is exactly the run's erm model (same copy, data, seed and recipe)
+    cache = tmp_path / "cache" / "cf-at"
+    (set_file,) = cache.glob("set-*.safetensors")
+    (clf_file,) = cache.glob("clf-*.safetensors")
+    gen_set, _ = load_tensors(set_file)
+    erm = _model(ds)
+    ERM().fit(erm, x, y, _ctx(epochs=2))
+    clf_state, _ = load_tensors(clf_file)
+    assert _equal(clf_state, _state(erm))
+    with torch.no_grad():
+        pred = erm.eval()(gen_set["x_cf"]).argmax(1)
+    v = gen_set["valid"].bool()
+    assert torch.equal(pred[v], y[v])
+    assert gen_set["x_cf"].min() >= 0 and gen_set["x_cf"].max() <= 1
+    assert (y[gen_set["neighbour"]] != y).all()
+
+    # examples for the report, in the run directory
+    ex, _ = load_tensors(run / EXAMPLES_FILE)
+    assert ex["clean"].shape == ex["neighbour"].shape == ex["counterfactual"].shape == (16, *ds.shape)
+    assert torch.equal(ex["clean"], x[ex["index"]]) and torch.equal(ex["y"], y[ex["index"]])
+
+    # second fit: nothing is regenerated (the generator would raise), the result is identical
+    def boom(*a, **k):
+        raise AssertionError("regenerated although the cache holds this recipe")
+
+    monkeypatch.setattr(ProtoCF, "neighbour_counterfactuals", boom)
+    monkeypatch.setattr(CFAT, "_generator_classifier", boom)
+    ctx2 = _ctx(tmp_path / "cache")
+    again = _model(ds)
+    CFAT(prm).fit(again, x, y, ctx2)
+    assert ctx2.notes["counterfactuals"]["cached"] is True
+    assert _equal(_state(model), _state(again))
+    assert ctx2.metrics["cf.replaced"] == m["cf.replaced"]
+
+
+@pytest.mark.parametrize("key, value, text", [
+    ("p", "1.5", "<= 1"), ("p", "-0.1", ">= 0"), ("steps", "0", ">= 1"), ("c_steps", "0", ">= 1"),
+    ("gamma", "-1", ">= 0"), ("theta", "-2", ">= 0"), ("beta", "-0.1", ">= 0"), ("cf_lr", "0", "> 0"),
+    ("c_init", "inf", "finite"), ("proto_k", "0", ">= 1"),
+])
+def test_bad_settings_are_clear_errors(key, value, text):
+    with pytest.raises(UsageError) as e:
+        make_config(dataset="digits", defense="cf-at", sets={key: value}, evaluators=("clean",))
+    assert key in str(e.value) and text in str(e.value)
+
+
+def test_direct_construction_is_checked_too():
+    with pytest.raises(UsageError, match=r"p: 2.0 is out of range; it must be <= 1"):
+        CFATParams(p=2.0)
+    with pytest.raises(UsageError, match="steps"):
+        ProtoCFParams(steps=0)
+    assert CFATParams().generator() == ProtoCFParams()
+    assert CFATParams(cf_lr=0.5, cf_batch_size=7).generator().lr == 0.5
+
+
+@pytest.mark.slow
+def test_end_to_end_run_on_digits(tmp_path):
+    from cfbench.runner import execute
+
+    cfg = make_config(dataset="digits", defense="cf-at", evaluators=("clean",),
+                      sets={"epochs": 3, "steps": 50, "c_steps": 1, "ae_epochs": 10})
+    out = execute(cfg, tmp_path, progress=False)
+    rec = out.record
+    assert rec["status"] == "ok"
+    assert rec["metrics"]["cf.flip_rate"]["value"] > 0.8
+    assert rec["metrics"]["clean.accuracy"]["value"] > 0.5
+    assert (out.run_dir / EXAMPLES_FILE).exists()
