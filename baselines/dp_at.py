@@ -4,10 +4,9 @@ Every step draws a Poisson batch, computes PGD examples against the *current* mo
 shared PGD, exactly as :class:`~cfbench_baselines.pgd_at.PGDAT` does: Madry et al.'s
 random start, ``steps`` steps of ``2.5 eps / steps`` by default, model in eval mode), then
 takes a DP-SGD step (:class:`~cfbench_baselines.dp_sgd.DPSGD`) on the per-example loss
-``(1 - mix) CE(f(x'_i), y_i) + mix CE(f(x_i), y_i)``.  The construction follows the DP
-adversarial training of Phan et al. (2019) / Tursynbek et al. (2020) in its simplest
-form -- PGD examples, then the DP-SGD update of Abadi et al. -- with Opacus doing the
-clipping, noise and accounting.
+``(1 - mix) CE(f(x'_i), y_i) + mix CE(f(x_i), y_i)``.  This is the straightforward
+combination the design brief names -- PGD-AT's inner maximisation (Madry et al. 2018), DP-SGD's
+outer update (Abadi et al. 2016) -- with Opacus doing the clipping, noise and accounting.
 
 Choices:
 
@@ -21,7 +20,10 @@ Choices:
   form *one* per-example loss whose gradient is clipped once -- so each example still has
   sensitivity ``max_grad_norm`` and the accounting is exactly DP-SGD's (same sigma, q, steps,
   delta and accountants; the clean and adversarial copies are never two batch entries);
-* PGD's randomness (its random start) uses the global PyTorch generator, like the noise.
+* PGD's randomness (its random start) uses the global PyTorch generator, like the noise;
+* ghost clipping (``grad_sample_mode=ghost``, which ``auto`` picks for Linear-heavy models)
+  supports one forward pass per example and step, so it is used only with ``mix = 0``
+  (``auto`` then falls back to a per-sample-gradient mode; ``ghost`` with ``mix > 0`` is an error).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class DPSGD(Defense):
     """Abadi et al. (2016) DP-SGD through Opacus: Poisson sampling, per-sample clipping, Gaussian noise."""
 
     name = "dp-sgd"
-    description = "DP-SGD (Abadi et al. 2016) on Opacus: Poisson sampling, per-sample clipping, noise; epsilon accounted"
+    description = "DP-SGD (Abadi et al. 2016) via Opacus: clipping + noise, Poisson sampling, epsilon accounted"
     version = 1
     family = "dp"
     Params = DPSGDParams

@@ -4,15 +4,18 @@ Everything here is built on Opacus (Yousefpour et al. 2021); nothing re-implemen
 mathematics:
 
 * accounting -- pure functions over the mechanism's history ``(sigma, q, steps)``
-  (:func:`epsilon`, :func:`noise_for_epsilon`), answered by fresh Opacus accountants
-  (``prv``: Gopi et al. 2021; ``rdp``: Mironov 2017 / Mironov et al. 2019);
+  (:func:`epsilon`, :func:`rdp_epsilon`, :func:`noise_for_epsilon`), answered by fresh
+  Opacus accountants (``prv``: Gopi et al. 2021; ``rdp``: Mironov 2017 / Mironov et al. 2019)
+  and memoised (reference models trained with the run's recipe reuse them);
 * sampling -- Poisson sampling of the Sampled Gaussian Mechanism with Opacus'
   ``UniformWithReplacementSampler`` driven by a generator seeded per (run seed, epoch)
   (:func:`poisson_batches`);
 * model preparation -- :func:`make_compatible` applies ``ModuleValidator.fix`` *in place*
   (the caller keeps its reference to the model) and lists every replaced module;
   :func:`incompatible_layers` names the layers Opacus cannot handle; :func:`wrap` wraps
-  the model for per-sample gradients in one of Opacus' modes; :func:`plain` gives the
+  the model for per-sample gradients in one of Opacus' modes (:func:`choose_mode` picks the
+  fastest on CPU; :class:`GhostClipping` runs Opacus' ghost clipping inside the shared
+  loop); :func:`dp_optimizer` builds the matching DPOptimizer; :func:`plain` gives the
   un-hooked model for computations that must not record per-sample gradients (the PGD of
   DP adversarial training); :func:`release` removes every hook and attribute Opacus added.
 

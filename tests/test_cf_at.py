@@ -19,8 +19,17 @@ from cfbench_baselines.cf_at import EXAMPLES_FILE, CFAT, CFATParams
 from cfbench_baselines.erm import ERM
 
 N = 160
+EPOCHS = 20   # the generator classifier (= erm) must fit the data for the counterfactuals to be valid
 #: a fast generator recipe: the full defaults (1000 x 2 iterations) take minutes per batch
-FAST_CF = {"steps": 30, "c_steps": 1, "ae_epochs": 5}
+FAST_CF = {"steps": 30, "c_steps": 2, "ae_epochs": 5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # tiny batches: a second thread only adds contention
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +44,7 @@ def data():
 
 def _model(ds, seed=0):
     torch.manual_seed(seed)
-    return build_model("cnn8", ds.shape, ds.num_classes, ds.mean, ds.std, {"width": 8})
+    return build_model("cnn8", ds.shape, ds.num_classes, ds.mean, ds.std, {"width": 16})
 
 
 def _ctx(tmp_path=None, *, epochs=2, seed=0, run_dir=None):
@@ -57,7 +66,7 @@ def _equal(a, b):
 def classifier(data):
     ds, x, y = data
     m = _model(ds)
-    ERM().fit(m, x, y, _ctx(epochs=8))
+    ERM().fit(m, x, y, _ctx(epochs=20))
     return m.eval()
 
 
@@ -81,7 +90,7 @@ def test_generator_flips_the_large_majority_of_digits(data, classifier, generato
         pred = classifier(res.x).argmax(1)
     assert torch.equal(res.valid, pred == target)
     flip = res.valid.float().mean().item()
-    assert flip > 0.8, f"flip rate {flip:.2f}"          # measured 1.00 with these settings
+    assert flip > 0.8, f"flip rate {flip:.2f}"          # measured 0.97 with these settings
     assert res.x.min() >= 0 and res.x.max() <= 1
     assert res.x.shape == x0.shape
     # the counterfactual moved: towards the target, away from the explained instance
@@ -153,7 +162,7 @@ def test_fit_replaces_a_fraction_caches_and_reuses(data, tmp_path, monkeypatch):
     ds, x, y = data
     prm = P.build(CFATParams, {"p": 0.5, **FAST_CF})
     run = tmp_path / "run"
-    ctx = _ctx(tmp_path / "cache", run_dir=run)
+    ctx = _ctx(tmp_path / "cache", run_dir=run, epochs=EPOCHS)
     model = _model(ds)
     CFAT(prm).fit(model, x, y, ctx)
     m = ctx.metrics
@@ -173,7 +182,7 @@ def test_fit_replaces_a_fraction_caches_and_reuses(data, tmp_path, monkeypatch):
     (clf_file,) = cache.glob("clf-*.safetensors")
     gen_set, _ = load_tensors(set_file)
     erm = _model(ds)
-    ERM().fit(erm, x, y, _ctx(epochs=2))
+    ERM().fit(erm, x, y, _ctx(epochs=EPOCHS))
     clf_state, _ = load_tensors(clf_file)
     assert _equal(clf_state, _state(erm))
     with torch.no_grad():
@@ -194,7 +203,7 @@ def test_fit_replaces_a_fraction_caches_and_reuses(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ProtoCF, "neighbour_counterfactuals", boom)
     monkeypatch.setattr(CFAT, "_generator_classifier", boom)
-    ctx2 = _ctx(tmp_path / "cache")
+    ctx2 = _ctx(tmp_path / "cache", epochs=EPOCHS)
     again = _model(ds)
     CFAT(prm).fit(again, x, y, ctx2)
     assert ctx2.notes["counterfactuals"]["cached"] is True
@@ -227,7 +236,7 @@ def test_end_to_end_run_on_digits(tmp_path):
     from cfbench.runner import execute
 
     cfg = make_config(dataset="digits", defense="cf-at", evaluators=("clean",),
-                      sets={"epochs": 3, "steps": 50, "c_steps": 1, "ae_epochs": 10})
+                      sets={"epochs": 5, "steps": 30, "c_steps": 2, "ae_epochs": 10})
     out = execute(cfg, tmp_path, progress=False)
     rec = out.record
     assert rec["status"] == "ok"

@@ -145,6 +145,7 @@ def test_clipping_only_control_is_epsilon_infinity():
     assert dp.epsilon(1.0, 0.1, 0, 1e-5) == 0.0
 
 
+@pytest.mark.slow   # ~5 s on an idle machine (noise calibration + 66 steps), 25 s on a busy one
 def test_epsilon_8_trains_well_above_chance(digits_split):
     from opacus.accountants import PRVAccountant
 
@@ -165,6 +166,7 @@ def _hanley_mcneil_se(auc: float, n1: int, n2: int) -> float:
     return math.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc ** 2) + (n2 - 1) * (q2 - auc ** 2)) / (n1 * n2))
 
 
+@pytest.mark.slow   # two 30-epoch fits: ~8 s on an idle machine, 25 s on a busy one
 def test_stronger_noise_lowers_the_membership_auc_towards_one_half(digits):
     """Loss-threshold attack (Yeom et al. 2018) on a 150 / 150 member / non-member pool.
 
@@ -421,8 +423,8 @@ def test_auto_mode_picks_the_measured_fastest():
 def test_every_grad_sample_mode_trains_over_several_steps(digits_split, defense, mode):
     x, y = digits_split.x_train[:64], digits_split.y_train[:64]
     before = _cnn8(width=8)
-    model, ctx = _fit({"noise_multiplier": 0.5, "grad_sample_mode": mode, **({"steps": 1} if defense == "dp-at" else {})},
-                      x, y, defense=defense, model=copy.deepcopy(before), batch_size=16)
+    params = {"noise_multiplier": 0.5, "grad_sample_mode": mode, **({"steps": 1} if defense == "dp-at" else {})}
+    model, ctx = _fit(params, x, y, defense=defense, model=copy.deepcopy(before), batch_size=16)
     assert ctx.metrics["dp.steps"] == 4 and ctx.notes["dp"]["grad_sample_mode"] == mode
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
     # the runner gets a plain module back: no Opacus hook or attribute left

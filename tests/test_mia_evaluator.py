@@ -35,7 +35,6 @@ from cfbench.evaluators.base import EvalContext
 from cfbench.evaluators.mia import (MembershipInference, attack_scores, model_features, stack_features,
                                     summarize_attacks)
 from cfbench.mia import reference as R
-from cfbench.mia import scores as S
 
 POOL = 160          # 80 members, 80 non-members
 K = 4

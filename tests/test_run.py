@@ -18,8 +18,10 @@ from cfbench.config import make_config
 from cfbench.results import load_model, read_record
 from cfbench.runner import execute
 
-# eps=0.3 on digits leaves AutoAttack almost nothing to attack after APGD-CE, which keeps this fast
-FAST_SETS = ["epochs=3", "autoattack.n_examples=20", "pgd.n_examples=100", "pgd.steps=5", "steps=3", "eps=0.3"]
+# An undefended model at eps=0.3 leaves AutoAttack nothing to attack after APGD-CE, so the
+# later attacks are skipped and the test stays fast (AutoAttack's cost per surviving example is
+# fixed by its iteration counts).  The full attack chain is exercised by the benchmarks.
+FAST_SETS = ["epochs=3", "autoattack.n_examples=20", "pgd.n_examples=100", "pgd.steps=5", "eps=0.3"]
 
 
 def _cli(*args):
@@ -33,7 +35,7 @@ def _sets():
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    code = _cli("run", "--defense", "pgd-at", "--dataset", "digits", "--out", str(out), "--quiet",
+    code = _cli("run", "--defense", "erm", "--dataset", "digits", "--out", str(out), "--quiet",
                 "--evaluators", "clean,pgd,autoattack", *_sets())
     assert code == 0
     (run_dir,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")]
@@ -78,7 +80,7 @@ def test_load_model_reproduces_the_reported_accuracy(finished, digits):
 def test_same_config_is_reused_not_recomputed(finished, capsys):
     out, run_dir = finished
     mtime = (run_dir / "record.json").stat().st_mtime_ns
-    code = _cli("run", "--defense", "pgd-at", "--out", str(out), "--quiet", "--evaluators", "clean,pgd,autoattack",
+    code = _cli("run", "--defense", "erm", "--out", str(out), "--quiet", "--evaluators", "clean,pgd,autoattack",
                 *_sets())
     assert code == 0
     text = capsys.readouterr().out
@@ -101,7 +103,7 @@ def test_nan_training_is_recorded_as_failed_and_not_reused(tmp_path, capsys):
             "--set", "lr=1e12", "--set", "epochs=2", "--set", "momentum=0")
     assert _cli(*args) == 1
     err = capsys.readouterr().err
-    assert "run failed" in err and "TrainingDiverged" in err
+    assert "run failed: training loss became nan" in err
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     rec = read_record(run_dir)
     assert rec["status"] == "failed" and "TrainingDiverged" in rec["reason"]
@@ -154,9 +156,10 @@ def _cfbench(*args, **kw):
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
-    args = ["run", "--defense", "pgd-at", "--quiet", "--evaluators", "clean", "--set", "epochs=12", "--set", "steps=5"]
+    args = ["run", "--defense", "pgd-at", "--quiet", "--threads", "1", "--evaluators", "clean",
+            "--set", "epochs=12", "--set", "steps=5"]
     proc = _cfbench(*args, "--out", str(tmp_path / "killed"))
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     ckpt = None
     while time.time() < deadline:
         found = list((tmp_path / "killed").glob("*/checkpoints/last.safetensors"))

@@ -144,6 +144,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"cfbench": json.dumps(_clean(meta))})
+    os.chmod(tmp, 0o644)  # readable like the run's other files (the temporary name is private)
     os.replace(tmp, path)
 
 

@@ -41,9 +41,10 @@ Attacks (``score``: higher = member; ``p = softmax(f(x))``, ``y`` the true label
   fixed rule ``s(x) >= tau_y`` (non-optimistic, as in their paper) is in the notes.
 * ``robust_<score>`` (Song, Shokri & Mittal 2019): loss, confidence and modified entropy
   (their attack thresholds the confidence; the label-free entropy has no fixed direction on
-  adversarial inputs and is left out) on the target's outputs for PGD(x) -- untargeted PGD on the true label inside the run's threat model,
-  ``adv_steps`` steps of ``adv_step_size`` (default ``eps / 5``: their Fashion-MNIST setting
-  is eps = 0.1, 8 steps of 0.02), random start, last iterate.  Their paper reports the
+  adversarial inputs and is left out) on the target's outputs for PGD(x) -- untargeted PGD
+  on the true label inside the run's threat model, ``adv_steps`` steps of ``adv_step_size``
+  (default ``eps / 5``: their Fashion-MNIST setting is eps = 0.1, 8 steps of 0.02), random
+  start, last iterate, model in eval mode; only the target is attacked.  Their paper reports the
   best-threshold accuracy on the evaluated data itself: that is ``balanced_accuracy`` here
   (optimistic, flagged so in the record).
 * ``lira_online`` / ``lira_online_fixed`` (Carlini et al. 2022): with
