@@ -236,7 +236,7 @@ def test_end_to_end_run_on_digits(tmp_path):
     from cfbench.runner import execute
 
     cfg = make_config(dataset="digits", defense="cf-at", evaluators=("clean",),
-                      sets={"epochs": 5, "steps": 30, "c_steps": 2, "ae_epochs": 10})
+                      sets={"epochs": 10, "steps": 50, "c_steps": 2, "ae_epochs": 10})
     out = execute(cfg, tmp_path, progress=False)
     rec = out.record
     assert rec["status"] == "ok"

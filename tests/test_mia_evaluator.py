@@ -345,3 +345,31 @@ def test_summarize_attacks_drops_nan_and_reports_na():
     assert "none" not in roc
     assert best["mia.best.auc"]["attack"] in ("good", "partly")
     assert best["mia.best.tpr_at_fpr.0.01"]["value"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# through the CLI and the runner
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_runs_record_mia_and_reuse_reference_models(tmp_path):
+    from cfbench.cli import main
+    from cfbench.results import read_record
+
+    args = ["run", "--defense", "erm", "--dataset", "digits", "--out", str(tmp_path), "--quiet",
+            "--evaluators", "clean,mia", "--set", "epochs=2", "--set", "data.pool_size=300",
+            "--set", "mia.reference_models=2", "--set", "mia.adversarial=false"]
+    assert main(args) == 0
+    assert main(args + ["--seed", "1"]) == 0                 # another target seed, same recipe
+    recs = sorted((read_record(p) for p in tmp_path.iterdir() if p.name.startswith("digits")),
+                  key=lambda r: r["config"]["seed"])
+    first, second = (r["notes"]["mia"]["protocol"] for r in recs)
+    assert first["reference_models_trained_now"] == [0, 1] and second["reference_models_reused"] == [0, 1]
+    assert second["reference_models_trained_now"] == []
+    for rec in recs:
+        assert rec["status"] == "ok"
+        t = rec["timings"]
+        assert {"eval.mia", "eval.mia.reference_training", "eval.mia.signals", "eval.mia.scoring"} <= set(t)
+        assert rec["metrics"]["mia.best.auc"]["attack"] is not None
+        assert rec["metrics"]["mia.loss.tpr_at_fpr.0.01"]["value"] is None          # 150 non-members
+        assert (tmp_path / rec["run_id"] / "mia_scores.npz").exists()
+    assert recs[1]["timings"]["eval.mia.reference_training"] < recs[0]["timings"]["eval.mia.reference_training"]

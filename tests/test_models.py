@@ -165,7 +165,7 @@ def test_build_model_errors():
     assert "cnn9" in msg and "Valid choices" in msg
     for name in ("cnn8", "cnn28", "gap-cnn", "preact-resnet18", "wrn"):
         assert name in msg
-    with pytest.raises(UsageError, match=r"unknown setting model\.'?widht.*Did you mean 'width'"):
+    with pytest.raises(UsageError, match=r"unknown setting 'model\.widht'.*Did you mean 'width'"):
         build_model("cnn8", (1, 8, 8), 10, (0.5,), (0.25,), {"widht": 16})
     with pytest.raises(UsageError, match="model.width"):
         build_model("cnn8", (1, 8, 8), 10, (0.5,), (0.25,), {"width": 0})

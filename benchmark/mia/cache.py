@@ -183,9 +183,9 @@ def save_signals(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)          # mkstemp creates 0600; cached files are meant to be shared
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
                   metadata={"cfbench": json.dumps(meta, default=str)})
+        os.chmod(tmp, 0o644)          # mkstemp makes 0600; the cache is shared by every run
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

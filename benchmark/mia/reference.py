@@ -145,8 +145,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, A
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)          # mkstemp creates 0600; cached files are meant to be shared
         save_file(tensors, tmp, metadata={"cfbench": json.dumps(meta, default=str)})
+        os.chmod(tmp, 0o644)          # mkstemp makes 0600; the cache is shared by every run
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
