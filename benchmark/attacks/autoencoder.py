@@ -1,22 +1,22 @@
-"""The convolutional autoencoder of Van Looveren & Klaise (2019/2021), for prototype-guided
-counterfactuals (:mod:`cfbench.attacks.proto_cf`).
+"""The convolutional autoencoder of the MNIST example of Van Looveren & Klaise's prototype-guided
+counterfactuals (alibi's ``cfproto_mnist``), for :mod:`cfbench.attacks.proto_cf`.
 
-Architecture (their MNIST autoencoder, also alibi's ``cfproto_mnist`` example), for any
+Architecture, for any
 C x H x W input with even H and W:
 
     encoder: conv3x3(C -> w) - ReLU - conv3x3(w -> w) - ReLU - maxpool2 - conv3x3(w -> l)
     decoder: conv3x3(l -> w) - ReLU - upsample2 (nearest) - conv3x3(w -> w) - ReLU - conv3x3(w -> C)
 
-``w = width`` (paper: 16), ``l = latent_channels`` (paper: 1), so the latent code of a 28x28
+``w = width`` (example: 16), ``l = latent_channels`` (example: 1), so the latent code of a 28x28
 image is 1 x 14 x 14 (196 numbers) and of an 8x8 digit 1 x 4 x 4.  Encoder and decoder
-outputs are linear (no activation), as in the paper.  Trained with the mean squared
-reconstruction error and Adam (the paper's Keras defaults: learning rate 1e-3, batch 128).
+outputs are linear (no activation), as in the example.  Trained with the mean squared
+reconstruction error and Adam (the example's Keras defaults: learning rate 1e-3, batch 128).
 
-Choices the paper leaves open (recorded by the callers): the number of epochs (the paper
-trains 4 epochs on 60,000 MNIST images, about 1,900 steps; a defense's training set may be far
+Choices (recorded by the callers): the number of epochs (the example trains 4 epochs on
+60,000 MNIST images, about 1,900 steps; a defense's training set may be far
 smaller, so the default here is stated in epochs over the data it is given), the shuffling and
 weight initialisation (PyTorch defaults, drawn from a seeded RNG that leaves the caller's
-global RNG untouched), and inputs in [0, 1] (the paper scales MNIST to [-0.5, 0.5]; the range
+global RNG untouched), and inputs in [0, 1] (the example scales MNIST to [-0.5, 0.5]; the range
 width, hence every distance and the L1 threshold, is the same).
 """
 

@@ -85,14 +85,15 @@ class ProtoCFParams:
                             "(alibi MNIST example: 2)", ge=1)
     steps: int = param(1000, "FISTA iterations per round (alibi MNIST example: 1000)", ge=1)
     beta: float = param(0.1, "weight of the L1 distance (= the shrinkage threshold)", ge=0)
-    gamma: float = param(100.0, "weight of the autoencoder reconstruction loss L_AE (paper, MNIST: 100)", ge=0)
-    theta: float = param(100.0, "weight of the prototype loss L_proto (paper, MNIST: 100)", ge=0)
+    gamma: float = param(100.0, "weight of the autoencoder reconstruction loss L_AE (alibi MNIST example: 100)", ge=0)
+    theta: float = param(100.0, "weight of the prototype loss L_proto (alibi MNIST example: 100)", ge=0)
     kappa: float = param(0.0, "confidence margin of the hinge (valid: target logit ahead by >= kappa)", ge=0)
     lr: float = param(0.01, "initial FISTA step size; decays as (1 - k/steps)^0.5 to 0", gt=0)
     proto_k: int = param(5, "prototype = mean code of the k nearest training encodings of the target class", ge=1)
     ae_epochs: int = param(30, "autoencoder training epochs over the training data", ge=1)
-    ae_width: int = param(16, "autoencoder conv channels (paper: 16)", ge=1)
-    ae_latent_channels: int = param(1, "autoencoder latent channels (paper: 1, i.e. a 14x14 code on 28x28)", ge=1)
+    ae_width: int = param(16, "autoencoder conv channels (alibi MNIST example: 16)", ge=1)
+    ae_latent_channels: int = param(1, "autoencoder latent channels (alibi MNIST example: 1, a 14x14 code on "
+                                          "28x28)", ge=1)
     batch_size: int = param(256, "examples optimised together (independent problems; no effect on results)", ge=1)
     grad_clip: float = param(1000.0, "element-wise gradient clipping (alibi: 1000)", gt=0)
 
@@ -216,7 +217,8 @@ class ProtoCF(Attack):
         device = torch.device(device) if device is not None else x.device
         path = None
         if cache_dir is not None:
-            path = Path(cache_dir) / "proto-cf" / f"ae-{canonical_hash(self.autoencoder_recipe(x, seed))[:24]}.safetensors"
+            key = canonical_hash(self.autoencoder_recipe(x, seed))[:24]
+            path = Path(cache_dir) / "proto-cf" / f"ae-{key}.safetensors"
         if path is not None and path.exists():
             tensors, meta = load_tensors(path)
             ae = ConvAutoencoder(x.shape[1], p.ae_width, p.ae_latent_channels)
