@@ -253,12 +253,12 @@ class CFAT(Defense):
     @staticmethod
     def _save_examples(x, y, x_cf, nn, use, ctx: FitContext, notes: dict) -> None:
         """16 (x, x_nn, counterfactual) triples for the report, into the *run* directory only
-        (the runner's target checkpoints live in ``<run>/checkpoints``; reference models and
-        the contract check use other folders and get no file)."""
-        if ctx.checkpoint_dir is None or Path(ctx.checkpoint_dir).name != "checkpoints" or len(use) == 0:
+        (``ctx.run_dir`` is set for the run's target; reference models and the contract check
+        have none and get no file)."""
+        if ctx.run_dir is None or len(use) == 0:
             return
         idx = use[:N_EXAMPLES]
-        path = Path(ctx.checkpoint_dir).parent / EXAMPLES_FILE
+        path = Path(ctx.run_dir) / EXAMPLES_FILE
         save_tensors_atomic(path, {"clean": x[idx], "neighbour": x[nn[idx]], "counterfactual": x_cf[idx],
                                    "y": y[idx], "neighbour_y": y[nn[idx]], "index": idx},
                             {"what": "cf-at training examples: clean = x (label y), neighbour = x_nn (label "

@@ -54,7 +54,7 @@ def print_summary(rec: dict, run_dir: Path, reused: bool) -> None:
     for key, label in SUMMARY_KEYS:
         if key in metrics:
             m = metrics[key]
-            if key.startswith("mia.best.") and isinstance(m, dict) and "attack" in m:
+            if key.startswith("mia.best.") and isinstance(m, dict) and m.get("attack") and m.get("value") is not None:
                 print(f"{label:<{width}}  {_fmt(m)}  ({m['attack']})")
             else:
                 print(f"{label:<{width}}  {_fmt(m)}")
@@ -95,6 +95,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _print_dataset_defaults(name: str) -> None:
+    from .registry import get
+
+    try:
+        spec = get("dataset", name)
+    except Exception:  # noqa: BLE001 - a broken plugin is reported by the listing itself
+        return
+    recipe = (f"model {spec.default_model}, eps {spec.default_eps:g} (Linf) / {spec.default_eps_l2:g} (L2), "
+              f"{spec.default_epochs} epochs, batch {spec.default_batch_size}, lr {spec.default_lr:g}")
+    print(f"      defaults: {recipe}")
+    extra = getattr(spec, "default_evaluator_settings", {})
+    if extra:
+        print("      evaluator defaults: " + ", ".join(f"{k}={v!r}" for k, v in extra.items()))
+
+
 def cmd_list(args) -> int:
     from .registry import KINDS, LOAD_WARNINGS, PluginWarning, list_components
 
@@ -113,6 +128,8 @@ def cmd_list(args) -> int:
                 print(f"      ERROR: {r['error']}")
             for p in r["params"]:
                 print(f"      {p['name']} = {p['default']!r}  ({p['type']}) {p['help']}")
+            if kind == "dataset" and not r.get("error"):
+                _print_dataset_defaults(r["name"])
         print()
     if not args.kind:
         from .config import BASE_SECTIONS

@@ -118,13 +118,15 @@ class RunConfig:
         for name in self.evaluators:
             cls = get("evaluator", name)
             ev[name] = {"version": getattr(cls, "version", 1),
-                        "params": P.to_dict(self.evaluator_params[name]) if name in self.evaluator_params else {}}
+                        "params": P.to_dict(self.evaluator_params[name]) if name in self.evaluator_params else {},
+                        **_file_digest("evaluator", name)}
         return {
             "protocol": PROTOCOL_VERSION,
-            "dataset": {"name": self.dataset, "version": comp["dataset"].version},
-            "model": {"name": self.model, "version": comp["model"].version, "params": P.to_dict(self.model_params)},
+            "dataset": {"name": self.dataset, "version": comp["dataset"].version, **_file_digest("dataset", self.dataset)},
+            "model": {"name": self.model, "version": comp["model"].version, "params": P.to_dict(self.model_params),
+                      **_file_digest("model", self.model)},
             "defense": {"name": self.defense, "version": comp["defense"].version,
-                        "params": P.to_dict(self.defense_params)},
+                        "params": P.to_dict(self.defense_params), **_file_digest("defense", self.defense)},
             "train": P.to_dict(self.resolved_train()),
             "threat": {"norm": self.threat.norm, "eps": self.eps()},
             "data": P.to_dict(self.data),
@@ -143,6 +145,14 @@ class RunConfig:
         d["device"] = self.device
         d["data_dir"] = self.data_dir
         return d
+
+
+def _file_digest(kind: str, name: str) -> dict[str, str]:
+    """A component loaded from a ``--plugin`` file is identified by the sha256 of its bytes too,
+    so editing the file without bumping its ``version`` cannot reuse records made with the old
+    code.  Installed components (entry points) are identified by name and version only."""
+    digest = registry(kind).entry(name).sha256
+    return {"file_sha256": digest} if digest else {}
 
 
 def canonical_hash(obj: Any) -> str:
@@ -201,6 +211,10 @@ def make_config(*, dataset: str = "digits", defense: str = "erm", model: str | N
             else:
                 raise UsageError(f"unknown setting {key!r}." + suggest(key, all_keys + [k.split('.', 1)[1] for k in all_keys]))
 
+    for key, value in getattr(spec_cls, "default_evaluator_settings", {}).items():
+        sec, _, name = key.partition(".")
+        if sec in evaluators and name not in values[sec]:
+            values[sec][name] = value
     built = {s: P.build(c, values[s], where=f"{s}.") for s, c in sections.items()}
     if device.startswith("cuda"):
         import torch

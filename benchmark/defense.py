@@ -44,6 +44,10 @@ class FitContext:
     num_classes: int
     augmentation: str              # dataset augmentation family: "none", "shift", "flip-shift"
     checkpoint_dir: Path | None = None
+    #: the run's directory when fitting the run's *target* model (None for membership reference
+    #: models, the DeMem oracle, the contract check or a direct fit): where a defense may leave
+    #: files for the report, e.g. cf-at's example counterfactuals
+    run_dir: Path | None = None
     cache_dir: Path | None = None  # shared cache for artifacts keyed by recipe (e.g. generated sets)
     progress: bool = True
     desc: str = "train"

@@ -627,7 +627,9 @@ def cmd_report(args) -> int:
             parts += ["--out", args.out]
         html = leaderboard_report(args.leaderboard, leaderboards=args.leaderboards,
                                   command=" ".join(shlex.quote(p) for p in parts))
-        stem = Path(args.leaderboard).stem
+        # Only a real ``.json`` path loses its suffix: names such as digits-cnn8-Linf-0.1 contain dots.
+        lb_name = Path(args.leaderboard)
+        stem = lb_name.stem if lb_name.suffix == ".json" else lb_name.name
         out = Path(args.out) if args.out else Path("reports") / f"leaderboard-{stem}.html"
     else:
         run_dir = _resolve_run(args.run, args.runs)

@@ -55,7 +55,8 @@ def threat_of(cfg: RunConfig) -> ThreatModel:
 
 def fit_recipe(cfg: RunConfig, data: RunData, x: torch.Tensor, y: torch.Tensor, *, seed: int,
                checkpoint_dir: Path | None, cache_dir: Path | None, progress: bool = True,
-               desc: str = "train", pool_positions=None) -> tuple[torch.nn.Module, FitContext]:
+               desc: str = "train", pool_positions=None, run_dir: Path | None = None,
+               ) -> tuple[torch.nn.Module, FitContext]:
     """Train a fresh model with the run's recipe (defense, hyper-parameters, training budget).
 
     The target model and every membership-inference reference model go through here, so
@@ -66,8 +67,8 @@ def fit_recipe(cfg: RunConfig, data: RunData, x: torch.Tensor, y: torch.Tensor, 
     spec = cfg.dataset_spec()
     ctx = FitContext(threat=threat_of(cfg), train=cfg.resolved_train(), device=torch.device(cfg.device),
                      seed=seed, num_classes=data.dataset.num_classes, augmentation=spec.augmentation,
-                     checkpoint_dir=checkpoint_dir, cache_dir=cache_dir, progress=progress, desc=desc,
-                     config=cfg, data=data, pool_positions=pool_positions)
+                     checkpoint_dir=checkpoint_dir, run_dir=run_dir, cache_dir=cache_dir, progress=progress,
+                     desc=desc, config=cfg, data=data, pool_positions=pool_positions)
     defense.fit(model, x, y, ctx)
     model.eval()
     return model, ctx
@@ -124,7 +125,7 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
         t0 = time.perf_counter()
         model, fctx = fit_recipe(cfg, data, data.x_train, data.y_train, seed=cfg.seed,
                                  checkpoint_dir=run_dir / "checkpoints", cache_dir=out / CACHE_DIR,
-                                 progress=progress, desc=f"{cfg.defense} target",
+                                 run_dir=run_dir, progress=progress, desc=f"{cfg.defense} target",
                                  pool_positions=data.member_mask.nonzero()[0])
         timings["train"] = time.perf_counter() - t0
         record["history"] = fctx.history

@@ -45,23 +45,38 @@ def order(r):
     return ({"erm": 0, "pgd-at": 1}.get(d["name"], 2), -(d["params"].get("p", 0)))
 
 
+def aa_n(r):
+    return r["config"]["evaluators"].get("autoattack", {}).get("params", {}).get("n_examples")
+
+
 recs = []
 for f in sorted(ROOT.glob("*/record.json")):
     r = json.loads(f.read_text())
-    if r.get("status") == "ok" and r["config"]["dataset"]["name"] == DATASET:
+    # the sweep: cf-at, erm and pgd-at of seed 0 (the folder may also hold other studies' runs)
+    if (r.get("status") == "ok" and r["config"]["dataset"]["name"] == DATASET and r["config"]["seed"] == 0
+            and r["config"]["defense"]["name"] in ("cf-at", "erm", "pgd-at")):
         recs.append(r)
+# one protocol: the AutoAttack size of the cf-at runs
+ns = [aa_n(r) for r in recs if r["config"]["defense"]["name"] == "cf-at"]
+N_AA = max(set(ns), key=ns.count) if ns else None
+recs = [r for r in recs if aa_n(r) == N_AA]
 recs.sort(key=order)
+FPRS = [f for f in ("0.05", "0.02", "0.01", "0.001")
+        if any(isinstance(r["metrics"].get(f"mia.best.tpr_at_fpr.{f}"), dict)
+               and r["metrics"][f"mia.best.tpr_at_fpr.{f}"].get("value") is not None for r in recs)]
 
-print("| defense | clean acc. % | AutoAttack acc. % (n=200) | train acc. % | best MIA AUC % | best MIA bal. acc. % "
-      "| loss-attack bal. acc. % | best TPR@5% FPR | best TPR@2% FPR | train time s | run id |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print(f"| defense | clean acc. % | AutoAttack acc. % (n={N_AA}) | train acc. % | best MIA AUC % | best MIA bal. acc. % "
+      "| loss-attack bal. acc. % | " + " | ".join(f"best TPR@{100 * float(f):g}% FPR" for f in FPRS)
+      + " | train time s | run id |")
+print("| --- | --- | --- | --- | --- | --- | --- | " + "--- | " * len(FPRS) + "--- | --- |")
 for r in recs:
     m = r["metrics"]
     print(f"| {label(r)} | {ci(m, 'clean.accuracy')} | {ci(m, 'robust.autoattack.accuracy')} | "
           f"{v(m, 'clean.train_accuracy')} | {v(m, 'mia.best.auc')} ({m.get('mia.best.auc', {}).get('attack', '')}) | "
           f"{v(m, 'mia.best.balanced_accuracy')} ({m.get('mia.best.balanced_accuracy', {}).get('attack', '')}) | "
-          f"{v(m, 'mia.loss.balanced_accuracy')} | {v(m, 'mia.best.tpr_at_fpr.0.05')} | "
-          f"{v(m, 'mia.best.tpr_at_fpr.0.02')} | {r['timings'].get('train', 0):.0f} | `{r['run_id']}` |")
+          f"{v(m, 'mia.loss.balanced_accuracy')} | "
+          + " | ".join(v(m, f"mia.best.tpr_at_fpr.{f}") for f in FPRS)
+          + f" | {r['timings'].get('train', 0):.0f} | `{r['run_id']}` |")
 
 print()
 print("AUC % / balanced accuracy % of every attack:")
@@ -72,12 +87,13 @@ for a in ATTACKS:
     cells = [f"{v(r['metrics'], f'mia.{a}.auc')} / {v(r['metrics'], f'mia.{a}.balanced_accuracy')}" for r in recs]
     print(f"| {a} | " + " | ".join(cells) + " |")
 print()
-print("TPR % at 5% / 2% FPR of every attack (1% and below: n/a, under 10 / 649 non-members):")
+print("TPR % at " + " / ".join(f"{100 * float(f):g}%" for f in FPRS)
+      + " FPR of every attack (lower FPRs: n/a, fewer than 10 / FPR non-members):")
 print()
 print("| attack | " + " | ".join(label(r) for r in recs) + " |")
 print("| --- |" + " --- |" * len(recs))
 for a in ATTACKS:
-    cells = [" / ".join(v(r["metrics"], f"mia.{a}.tpr_at_fpr.{f}") for f in ("0.05", "0.02")) for r in recs]
+    cells = [" / ".join(v(r["metrics"], f"mia.{a}.tpr_at_fpr.{f}") for f in FPRS) for r in recs]
     print(f"| {a} | " + " | ".join(cells) + " |")
 print()
 print("Counterfactual quality (cf-at runs):")

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 OUT=${1:-runs-demem}
-COMMON=(--dataset digits --evaluators clean,autoattack,mia --set autoattack.n_examples=200
+COMMON=(--dataset digits --evaluators clean,autoattack,mia --set autoattack.n_examples=200 --set mia.reference_models=8
         --set mia.fprs=0.05,0.02,0.01,0.001 --out "$OUT" --quiet)
 for s in 0 1 2; do
   .venv/bin/cfbench run --defense pgd-at --seed $s "${COMMON[@]}"

@@ -26,6 +26,7 @@ from cfbench.mia import metrics as M
 
 FPRS = (0.05, 0.02, 0.01, 0.001)
 ATTACKS = ("lira_online", "rmia_online")
+DEFENSES = ("pgd-at", "dp-at", "demem")     # other runs sharing the folder (e.g. cf-at) are skipped
 
 
 def variant(rec) -> str:
@@ -58,22 +59,26 @@ def main(root: Path) -> None:
     datasets = set()
     for f in sorted(root.glob("*/record.json")):
         rec = json.loads(f.read_text())
-        if rec.get("status") == "ok":
+        if rec.get("status") == "ok" and rec["config"]["defense"]["name"] in DEFENSES:
             groups[variant(rec)].append((rec, f.parent))
             datasets.add(rec["config"]["dataset"]["name"])
     if len(datasets) > 1:
         raise SystemExit(f"{root} holds runs of several datasets ({sorted(datasets)}); give one folder per dataset")
+    # per-run TPR columns: every FPR that at least one run can support
+    all_ms = [r["metrics"] for runs in groups.values() for r, _ in runs]
+    run_fprs = [f for f in FPRS if any(value(m, f"mia.{a}.tpr_at_fpr.{f}") is not None
+                                       for m in all_ms for a in ATTACKS)]
     print("| variant | seeds | clean acc. % | AutoAttack acc. % | "
-          + " | ".join(f"{a} AUC | {a} TPR@5% | {a} TPR@2%" for a in ATTACKS)
+          + " | ".join(f"{a} AUC | " + " | ".join(f"{a} TPR@{100 * f:g}%" for f in run_fprs) for a in ATTACKS)
           + " | best-attack AUC | high-risk / penalised % |")
-    print("|" + "---|" * (6 + 3 * len(ATTACKS)))
+    print("|" + "---|" * (6 + (1 + len(run_fprs)) * len(ATTACKS)))
     for name, runs in sorted(groups.items()):
         ms = [r["metrics"] for r, _ in runs]
         cells = [name, ",".join(str(r["config"]["seed"]) for r, _ in runs),
                  fmt([value(m, "clean.accuracy") for m in ms]), fmt([value(m, "robust.autoattack.accuracy") for m in ms])]
         for a in ATTACKS:
             cells.append(fmt([value(m, f"mia.{a}.auc") for m in ms], pct=False))
-            for f in (0.05, 0.02):
+            for f in run_fprs:
                 cells.append(fmt([value(m, f"mia.{a}.tpr_at_fpr.{f}") for m in ms]))
         cells.append(fmt([value(m, "mia.best.auc") for m in ms], pct=False))
         dm = [(value(m, "demem.high_risk_fraction"), value(m, "demem.penalised_fraction")) for m in ms]
@@ -103,32 +108,49 @@ def main(root: Path) -> None:
                 cells.append("n/a" if t["value"] is None else
                              f"{100 * t['value']:.1f} [{100 * t['ci_low']:.1f}, {100 * t['ci_high']:.1f}]")
         print("| " + " | ".join(cells) + " |")
-    if datasets == {"digits"}:          # the atypical set is defined on the digits default protocol
-        subset_table(root, groups)
+    subset_table(root, groups)
 
 
-def atypical_members(root: Path, frac: float = 0.1) -> np.ndarray:
+def atypical_members(root: Path, groups, frac: float = 0.1) -> np.ndarray | None:
     """Pool positions of the top ``frac`` of members by their mean clean CE under the PGD-AT
     recipe's reference models that did not train on them (cached by the pgd-at runs): a fixed,
-    defense-independent definition of the atypical (high-risk) members."""
+    defense-independent definition of the atypical (high-risk) members.  None when the folder
+    has no pgd-at run or its reference models are not in the cache (nothing is trained here)."""
     import torch
 
     from cfbench import runner
     from cfbench.config import make_config
+    from cfbench.mia import reference as R
     from cfbench_baselines.demem import reference_out_loss
 
     torch.set_num_threads(1)
-    cfg = make_config(dataset="digits", defense="pgd-at", evaluators=["mia"],
-                      sets={"mia.fprs": ",".join(str(f) for f in FPRS)})
+    if "pgd-at" not in groups:
+        return None
+    c = groups["pgd-at"][0][0]["config"]
+    mia = c["evaluators"]["mia"]["params"]
+    sets = {**{f"train.{k}": v for k, v in c["train"].items()}, **{f"data.{k}": v for k, v in c["data"].items()},
+            **{f"defense.{k}": v for k, v in c["defense"]["params"].items()},
+            **{f"model.{k}": v for k, v in c["model"]["params"].items()},
+            "threat.norm": c["threat"]["norm"], "threat.eps": c["threat"]["eps"],
+            **{f"mia.{k}": v for k, v in mia.items()}}
+    cfg = make_config(dataset=c["dataset"]["name"], defense="pgd-at", model=c["model"]["name"],
+                      evaluators=["mia"], sets=sets)
     data = runner.load_data(cfg)
+    k, seed = mia["reference_models"], mia["reference_seed"]
+    recipe = R.reference_recipe_hash(cfg, data, seed)
+    if not all(R.reference_path(root / "_cache", recipe, i).exists() for i in range(k)):
+        return None
     members = np.flatnonzero(data.member_mask)
-    out, _ = reference_out_loss(cfg, data, members, k=8, seed=0, cache_dir=root / "_cache", device="cpu")
-    k = int(round(frac * len(members)))
-    return members[np.argsort(-out.numpy(), kind="stable")[:k]]
+    out, _ = reference_out_loss(cfg, data, members, k=k, seed=seed, cache_dir=root / "_cache", device="cpu")
+    n = int(round(frac * len(members)))
+    return members[np.argsort(-out.numpy(), kind="stable")[:n]]
 
 
 def subset_table(root: Path, groups) -> None:
-    atyp = atypical_members(root)
+    atyp = atypical_members(root, groups)
+    if atyp is None:
+        print("\n(no atypical-member table: no pgd-at run with cached reference models in this folder)")
+        return
     print(f"\nMembers flagged at the threshold of 5% FPR (per seed, mean ± std over seeds): the {len(atyp)} "
           "atypical members (top 10% by the PGD-AT reference models' OUT loss) vs the other members:\n")
     print("| variant | " + " | ".join(f"{a} atypical % | {a} other %" for a in ATTACKS) + " |")

@@ -50,7 +50,7 @@ def _model(ds, seed=0):
 def _ctx(tmp_path=None, *, epochs=2, seed=0, run_dir=None):
     return FitContext(threat=ThreatModel("Linf", 0.1), train=TrainParams(epochs=epochs, batch_size=32, lr=0.05),
                       device=torch.device("cpu"), seed=seed, num_classes=10, augmentation="shift",
-                      checkpoint_dir=(run_dir / "checkpoints") if run_dir else None,
+                      checkpoint_dir=(run_dir / "checkpoints") if run_dir else None, run_dir=run_dir,
                       cache_dir=tmp_path, progress=False)
 
 

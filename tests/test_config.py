@@ -83,3 +83,20 @@ def test_hash_is_canonical_and_covers_what_changes_results():
     assert make_config(defense="pgd-at", sets={"autoattack.n_examples": 10}).config_hash() != a.config_hash()
     assert make_config(defense="pgd-at", data_dir="/elsewhere").config_hash() == a.config_hash()
     assert a.run_id().startswith("digits-pgd-at-cnn8-s0-")
+
+
+def test_dataset_evaluator_defaults_apply_and_set_wins():
+    from cfbench.config import make_config
+
+    d = make_config(dataset="digits", defense="pgd-at")
+    assert d.evaluator_params["autoattack"].n_examples == 200 and d.evaluator_params["mia"].reference_models == 4
+    f = make_config(dataset="fashion-mnist", defense="pgd-at")
+    assert f.evaluator_params["autoattack"].n_examples == 500 and f.evaluator_params["mia"].reference_models == 8
+    s = make_config(dataset="digits", defense="pgd-at", sets={"mia.reference_models": "8", "autoattack.n_examples": "500"})
+    assert s.evaluator_params["mia"].reference_models == 8 and s.evaluator_params["autoattack"].n_examples == 500
+    # the dataset default is part of the resolved config: explicit 4 == default, explicit 8 != default
+    assert make_config(dataset="digits", defense="pgd-at", sets={"mia.reference_models": "4"}).config_hash() \
+        == d.config_hash() != s.config_hash()
+    # an evaluator that is not selected is not touched
+    c = make_config(dataset="digits", defense="pgd-at", evaluators=["clean"])
+    assert set(c.evaluator_params) == {"clean"}

@@ -225,6 +225,13 @@ def test_plugin_file_run_records_the_file_and_its_sha256(tmp_path, capsys):
     assert main(["list", "defense", "--plugin", str(f)]) == 0
     assert f"smooth           cross-entropy with label smoothing (a test plugin)  [{f.resolve()}]" \
         in capsys.readouterr().out
+    assert rec["config"]["defense"]["file_sha256"] == d["sha256"]
+    # editing the file (same name, same plugin version) is a new config: not silently reused
+    f.write_text(defense_src() + "\n# edited\n", encoding="utf-8")
+    registry.reset()
+    assert main(["run", "--plugin", str(f), "--defense", "smooth", "--out", str(out), *TINY_RUN]) == 0
+    assert "reused" not in capsys.readouterr().out
+    assert len([p for p in out.iterdir() if p.name.startswith("digits-smooth")]) == 2
 
 
 def test_broken_plugin_file_is_an_error_naming_file_line_and_cause(tmp_path, capsys):

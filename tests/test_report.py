@@ -236,3 +236,22 @@ def test_pareto_front_2d_of_the_plots():
     assert pareto_front_2d(xs, ys, True, True) == [3, 1, 0, 2]
     # y down (leakage): (0.95, 0.1) dominates everything with smaller x and larger y
     assert pareto_front_2d(xs, ys, True, False) == [2]
+
+
+def test_leaderboard_report_default_name_keeps_dotted_eps(run_store, tmp_path, monkeypatch, capsys):
+    """Leaderboard names carry eps (``digits-cnn8-Linf-0.1``): the default output keeps the whole
+    name; only a path ending in .json loses its suffix."""
+    runs, _ = run_store
+    lbdir = tmp_path / "lb"
+    boards = build(runs, "digits")
+    for lb in boards:
+        write(lb, lbdir)
+    name = next(b.name for b in boards if len(b.rows) == 3)
+    assert "." in name
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--leaderboard", name, "--leaderboards", str(lbdir)]) == 0
+    assert (tmp_path / "reports" / f"leaderboard-{name}.html").exists()
+    assert main(["report", "--leaderboard", str(lbdir / f"{name}.json"), "--out", "x.html"]) == 0
+    assert main(["report", "--leaderboard", str(lbdir / f"{name}.json")]) == 0
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [f"leaderboard-{name}.html"]
+    capsys.readouterr()

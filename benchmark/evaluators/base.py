@@ -68,5 +68,6 @@ def proportion(k: int, n: int, confidence: float = 0.95) -> dict[str, Any]:
 def predict(model: torch.nn.Module, x: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
     """Logits of ``model`` on ``x`` in eval mode, batched, on CPU."""
     model.eval()
-    out = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    with torch.no_grad():
+        out = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0)

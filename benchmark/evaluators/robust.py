@@ -6,13 +6,16 @@ APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries), with the
 Its own checks (randomised / dynamic defense, probability outputs, too many target classes,
 Square beating the white-box attacks) are logged by the package; cfbench captures them into
 the record's ``warnings`` and ``robust.autoattack.flags``, together with the robust accuracy
-after each attack.  A state file in the run directory makes an interrupted evaluation resume.
+after each attack.  cfbench's own state file in the run directory makes an interrupted
+evaluation resume after its last finished attack (see :class:`AutoAttackRobustness`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import re
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,11 +85,24 @@ class _Capture(logging.Handler):
         self.records.append(record)
 
 
-_PERTURBED = re.compile(r"^([a-z\-]+) - \d+/\d+ - (\d+) out of (\d+) successfully perturbed")
+STATE_FILE = "autoattack_state.safetensors"
 
 
 class AutoAttackRobustness(Evaluator):
-    """AutoAttack (Croce & Hein 2020), standard version, through pyautoattack."""
+    """AutoAttack (Croce & Hein 2020), standard version, through pyautoattack.
+
+    The attacks of the version run in the package's order, **one ``run_standard_evaluation``
+    call per attack**, each on the examples still robust after the previous ones.  That is
+    exactly what one call does internally (same subsets in the same order, same batches, every
+    attack re-seeded with the run's seed; tested against a single direct call), but it lets
+    cfbench save its own state after each attack: ``autoattack_state.safetensors`` in the run
+    directory (robust flags, adversarial examples, the attacks done and the accuracy after
+    each), written atomically.  A killed evaluation resumes after the last finished attack.
+    (pyautoattack 0.2.0's own ``state_path`` cannot resume: it writes the set of attacks with
+    ``json.dump(default=str)`` and compares the string read back with a set, so every resume
+    raises "created with a different set of attacks".)  The package's Square check, which
+    compares the accuracies after all attacks, is called by cfbench on the whole breakdown.
+    """
 
     name = "autoattack"
     description = "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack; flags recorded"
@@ -95,6 +111,7 @@ class AutoAttackRobustness(Evaluator):
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         from pyautoattack import AutoAttack
+        from pyautoattack import checks as aa_checks
 
         p = self.params
         d = ctx.data
@@ -104,10 +121,20 @@ class AutoAttackRobustness(Evaluator):
         res = EvalResult()
         if n < p.n_examples:
             res.warnings.append(f"autoattack: only {n} test examples exist; evaluated {n}, not {p.n_examples}")
-        state_path = ctx.run_dir / "autoattack_state.json"
-        resumed = state_path.exists()
         adversary = AutoAttack(ctx.model, norm=ctx.threat.norm, eps=ctx.threat.eps, version=p.version,
                                device=str(ctx.device), seed=ctx.seed)
+        attacks = list(adversary.attacks_to_run)
+        key = {"n": n, "version": p.version, "norm": ctx.threat.norm, "eps": ctx.threat.eps,
+               "seed": ctx.seed, "attacks": attacks, "x_sha256": _sha256(x), "y_sha256": _sha256(y)}
+        state_path = ctx.run_dir / STATE_FILE
+        state = _load_state(state_path, key)
+        resumed = state is not None
+        if state is None:
+            clean = predict(ctx.model, x, ctx.device).argmax(1).cpu() == y
+            state = {"robust": clean.clone(), "x_adv": x.clone(), "done": [], "acc": {"clean": clean.float().mean().item()},
+                     "seconds": {}}
+            _save_state(state_path, key, state)
+        resumed_after = list(state["done"])
         logger = logging.getLogger("auto-attack")
         handler = _Capture()
         old_level, old_prop = logger.level, logger.propagate
@@ -115,37 +142,76 @@ class AutoAttackRobustness(Evaluator):
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
         try:
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=p.batch_size, state_path=state_path)
+            for attack in attacks:
+                if attack in state["done"]:
+                    continue
+                t0 = time.perf_counter()
+                idx = torch.nonzero(state["robust"], as_tuple=False).flatten()
+                if len(idx):
+                    adversary.attacks_to_run = [attack]
+                    xs, ys = x[idx].contiguous(), y[idx].contiguous()
+                    x_adv_s, _ = adversary.run_standard_evaluation(xs, ys, batch_size=p.batch_size)
+                    x_adv_s = x_adv_s.detach().cpu()
+                    broken = predict(ctx.model, x_adv_s, ctx.device).argmax(1).cpu() != ys
+                    state["robust"][idx[broken]] = False
+                    state["x_adv"][idx[broken]] = x_adv_s[broken]
+                state["done"].append(attack)
+                state["acc"][attack] = state["robust"].float().mean().item()
+                state["seconds"][attack] = time.perf_counter() - t0
+                _save_state(state_path, key, state)
+            aa_checks.check_square_sr(dict(state["acc"]), logger=logger)
         finally:
+            adversary.attacks_to_run = attacks
             logger.removeHandler(handler)
             logger.setLevel(old_level)
             logger.propagate = old_prop
-        from pyautoattack.state import EvaluationState
-
-        flags = EvaluationState.from_disk(state_path).robust_flags
-        robust = int(flags.sum())
+        robust = int(state["robust"].sum())
         res.metrics["robust.autoattack.accuracy"] = proportion(robust, n)
-        # per-attack breakdown: robust accuracy after each attack, from the package's log
-        clean_correct = int((predict(ctx.model, x, ctx.device).argmax(1) == y).sum())
-        remaining = clean_correct
-        breakdown = {"clean": clean_correct / n}
-        for rec in handler.records:
-            m = _PERTURBED.match(rec.getMessage())
-            if m:
-                remaining -= int(m.group(2))
-                breakdown[m.group(1)] = remaining / n
-        if not resumed:
-            for attack, value in breakdown.items():
-                if attack != "clean":
-                    res.metrics[f"robust.autoattack.after.{attack}"] = value
-        flags_msgs = [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING]
+        for attack in attacks:
+            res.metrics[f"robust.autoattack.after.{attack}"] = state["acc"][attack]
+        # each call repeats the package's checks on its subset: keep every distinct message once
+        flags_msgs = list(dict.fromkeys(r.getMessage() for r in handler.records if r.levelno >= logging.WARNING))
         res.metrics["robust.autoattack.n"] = n
         res.warnings.extend(f"autoattack: {m}" for m in flags_msgs)
         res.notes["robust.autoattack"] = {
             "package": "pyautoattack", "version": p.version, "norm": ctx.threat.norm, "eps": ctx.threat.eps,
-            "n_examples": n, "attacks": list(adversary.attacks_to_run), "seed": ctx.seed,
-            "flags": flags_msgs, "resumed": resumed, "breakdown": None if resumed else breakdown,
+            "n_examples": n, "attacks": attacks, "seed": ctx.seed, "flags": flags_msgs,
+            "resumed": resumed, "resumed_after": resumed_after if resumed else None,
+            "breakdown": dict(state["acc"]), "seconds_per_attack": dict(state["seconds"]),
+            "driver": "one run_standard_evaluation call per attack on the still-robust examples; "
+                      "cfbench's own resumable state",
         }
-        ctx.shared["autoattack_examples"] = (x[:16], x_adv[:16].cpu(), y[:16])
+        ctx.shared["autoattack_examples"] = (x[:16], state["x_adv"][:16].clone(), y[:16])
         state_path.unlink(missing_ok=True)
         return res
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _save_state(path, key: dict, state: dict) -> None:
+    from ..mia.reference import _atomic_save
+
+    meta = {"key": key, "done": state["done"], "acc": state["acc"], "seconds": state["seconds"]}
+    _atomic_save({"robust": state["robust"].to(torch.uint8), "x_adv": state["x_adv"].contiguous()}, path, meta)
+
+
+def _load_state(path, key: dict) -> dict | None:
+    """The saved state if it exists and belongs to this evaluation; a stale or foreign file is
+    ignored (and overwritten), never trusted."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["cfbench"])
+            robust = f.get_tensor("robust").bool()
+            x_adv = f.get_tensor("x_adv")
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: start over
+        return None
+    if meta.get("key") != key or robust.shape != (key["n"],):
+        return None
+    return {"robust": robust, "x_adv": x_adv, "done": list(meta["done"]), "acc": dict(meta["acc"]),
+            "seconds": dict(meta.get("seconds", {}))}

@@ -1,0 +1,125 @@
+"""AutoAttack evaluator: same flags as one direct pyautoattack call, resume after a kill from
+cfbench's own per-attack state, stale state ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cfbench.attacks.base import ThreatModel
+from cfbench.config import TrainParams, make_config
+from cfbench.defense import FitContext
+from cfbench.evaluators.base import EvalContext
+from cfbench.evaluators.robust import STATE_FILE, AutoAttackParams, AutoAttackRobustness
+from cfbench.models import build_model
+from cfbench_baselines.pgd_at import PGDAT, PGDATParams
+
+EPS, N = 0.1, 40
+
+
+@pytest.fixture(scope="module")
+def robust_model(digits_split):
+    """A digits model with a few PGD-AT epochs: some test points survive APGD-CE, so the later
+    attacks have work to do."""
+    d = digits_split
+    torch.manual_seed(0)
+    model = build_model("cnn8", (1, 8, 8), 10, d.dataset.mean, d.dataset.std, {})
+    ctx = FitContext(threat=ThreatModel("Linf", EPS), train=TrainParams(epochs=4, batch_size=64, lr=0.05),
+                     device=torch.device("cpu"), seed=0, num_classes=10, augmentation="shift", progress=False)
+    PGDAT(PGDATParams(steps=3)).fit(model, d.x_train, d.y_train, ctx)
+    return model.eval()
+
+
+def _ctx(model, data, run_dir: Path) -> EvalContext:
+    return EvalContext(model=model, config=make_config(), data=data, threat=ThreatModel("Linf", EPS),
+                       device=torch.device("cpu"), run_dir=run_dir, cache_dir=run_dir, seed=0, progress=False)
+
+
+def _flags(model, x_adv, y):
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+@pytest.fixture(scope="module")
+def ours(robust_model, digits_split, tmp_path_factory):
+    ctx = _ctx(robust_model, digits_split, tmp_path_factory.mktemp("aa"))
+    res = AutoAttackRobustness(AutoAttackParams(n_examples=N)).evaluate(ctx)
+    return res, ctx
+
+
+def test_same_flags_as_one_direct_pyautoattack_call(robust_model, digits_split, ours):
+    from pyautoattack import AutoAttack
+
+    res, ctx = ours
+    x, y = digits_split.x_test[:N].contiguous(), digits_split.y_test[:N].contiguous()
+    x_adv, _ = AutoAttack(robust_model, norm="Linf", eps=EPS, version="standard", device="cpu",
+                          seed=0).run_standard_evaluation(x, y, batch_size=250)
+    direct = int(_flags(robust_model, x_adv, y).sum())
+    acc = res.metrics["robust.autoattack.accuracy"]
+    assert acc["n"] == N and round(acc["value"] * N) == direct
+    # the breakdown falls monotonically from clean accuracy to the final number
+    bd = res.notes["robust.autoattack"]["breakdown"]
+    seq = [bd[k] for k in ("clean", "apgd-ce", "apgd-t", "fab-t", "square")]
+    assert seq == sorted(seq, reverse=True) and seq[-1] == pytest.approx(acc["value"])
+    assert 0 < acc["value"] < bd["clean"]  # the test is only meaningful if both stages did something
+    # the stored examples are real adversarial examples inside the threat model
+    xs, xa, ys = ctx.shared["autoattack_examples"]
+    assert (xa - xs).abs().max() <= EPS + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    assert not (ctx.run_dir / STATE_FILE).exists()  # removed once the evaluation is complete
+
+
+def test_resume_after_kill_skips_finished_attacks(robust_model, digits_split, ours, tmp_path, monkeypatch):
+    from pyautoattack import AutoAttack
+
+    calls: list[list[str]] = []
+    real = AutoAttack.run_standard_evaluation
+
+    def killed_at_second(self, x, y, **kw):
+        calls.append(list(self.attacks_to_run))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, x, y, **kw)
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", killed_at_second)
+    ev = AutoAttackRobustness(AutoAttackParams(n_examples=N))
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(_ctx(robust_model, digits_split, tmp_path))
+    assert (tmp_path / STATE_FILE).exists()
+
+    calls.clear()
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation",
+                        lambda self, x, y, **kw: (calls.append(list(self.attacks_to_run)), real(self, x, y, **kw))[1])
+    res = ev.evaluate(_ctx(robust_model, digits_split, tmp_path))
+    assert [c[0] for c in calls] == ["apgd-t", "fab-t", "square"][:len(calls)] and ["apgd-ce"] not in calls
+    note = res.notes["robust.autoattack"]
+    assert note["resumed"] and note["resumed_after"] == ["apgd-ce"]
+    full, _ = ours
+    assert res.metrics["robust.autoattack.accuracy"] == full.metrics["robust.autoattack.accuracy"]
+    assert note["breakdown"] == full.notes["robust.autoattack"]["breakdown"]
+
+
+def test_state_of_another_evaluation_is_ignored(robust_model, digits_split, tmp_path):
+    ev10 = AutoAttackRobustness(AutoAttackParams(n_examples=10))
+    from cfbench.evaluators import robust as rb
+
+    x, y = digits_split.x_test[:10], digits_split.y_test[:10]
+    key = {"n": 10, "version": "standard", "norm": "Linf", "eps": EPS, "seed": 0,
+           "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "x_sha256": rb._sha256(x), "y_sha256": rb._sha256(y)}
+    # a planted state claiming every attack is done and nothing is robust, for other examples
+    fake = {"robust": torch.zeros(10, dtype=torch.bool), "x_adv": x.clone(),
+            "done": ["apgd-ce", "apgd-t", "fab-t", "square"],
+            "acc": {"clean": 0.0, "apgd-ce": 0.0, "apgd-t": 0.0, "fab-t": 0.0, "square": 0.0}, "seconds": {}}
+    rb._save_state(tmp_path / STATE_FILE, {**key, "x_sha256": "0" * 64}, fake)
+    res = ev10.evaluate(_ctx(robust_model, digits_split, tmp_path))
+    assert not res.notes["robust.autoattack"]["resumed"]
+    assert res.notes["robust.autoattack"]["breakdown"]["clean"] > 0
+    # a truncated file is ignored too
+    (tmp_path / STATE_FILE).write_bytes(b"\x00\x01garbage")
+    res2 = ev10.evaluate(_ctx(robust_model, digits_split, tmp_path))
+    assert res2.metrics["robust.autoattack.accuracy"] == res.metrics["robust.autoattack.accuracy"]
+    # the matching key is honoured (proves the planted file above was rejected for its key only)
+    rb._save_state(tmp_path / STATE_FILE, key, fake)
+    res3 = ev10.evaluate(_ctx(robust_model, digits_split, tmp_path))
+    assert res3.notes["robust.autoattack"]["resumed"] and res3.metrics["robust.autoattack.accuracy"]["value"] == 0
