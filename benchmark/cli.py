@@ -68,6 +68,31 @@ def print_summary(rec: dict, run_dir: Path, reused: bool) -> None:
         print(f"report   {rec['report']}")
 
 
+#: below this many parameters a CPU run uses one torch thread unless --threads says otherwise
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+def auto_threads(cfg) -> int | None:
+    """Default intra-op thread count of a run: 1 for a CPU run of a small model (cnn8, cnn28,
+    gap-cnn: < 1M parameters), whose convolutions are too small to gain from several threads
+    and lose badly when the cores are shared (one cnn8 training step took 8 ms with one thread
+    and 790 ms with two on the loaded 2-core development machine); None (torch's choice, one
+    thread per core) otherwise.  ``--threads N`` overrides it; the record's
+    ``versions.torch_threads`` says what was used."""
+    if cfg.device != "cpu":
+        return None
+    from . import params as P
+    from .models import build_model, count_parameters
+
+    spec = cfg.dataset_spec()
+    c = spec.shape[0]
+    try:
+        model = build_model(cfg.model, spec.shape, spec.num_classes, (0.5,) * c, (0.5,) * c, P.to_dict(cfg.model_params))
+    except Exception:  # noqa: BLE001 - a model that cannot be built fails later with its own message
+        return None
+    return 1 if count_parameters(model) < SMALL_MODEL_PARAMS else None
+
+
 def cmd_run(args) -> int:
     from .config import make_config, parse_sets
     from .runner import execute
@@ -77,9 +102,10 @@ def cmd_run(args) -> int:
                       sets=parse_sets(args.set), evaluators=evaluators, device=args.device,
                       data_dir=args.data_dir, download=args.download)
     progress = not args.quiet
-    if args.threads:
+    threads = args.threads or auto_threads(cfg)
+    if threads:
         import torch
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     try:
         outcome = execute(cfg, args.out, force=args.force, progress=progress,
                           log=(lambda *a: print(*a, file=sys.stderr)))
@@ -174,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute even if a finished run with this config exists")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="torch intra-op CPU threads (default: torch's choice; 1 is fastest for the tiny "
-                        "digits models, especially on a shared machine)")
+                   help="torch intra-op CPU threads (default: 1 for models under 1M parameters on CPU, "
+                        "torch's choice otherwise)")
     r.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("list", help="registered defenses, datasets, models, attacks and evaluators")

@@ -84,8 +84,10 @@ def versions() -> dict[str, Any]:
             pk[name] = md.version(name)
         except md.PackageNotFoundError:
             pk[name] = None
+    import torch
+
     return {"python": platform.python_version(), "platform": platform.platform(), "cfbench": __version__,
-            "git_commit": git_commit(), "packages": pk}
+            "git_commit": git_commit(), "packages": pk, "torch_threads": torch.get_num_threads()}
 
 
 def read_record(run_dir: str | Path) -> dict[str, Any]:

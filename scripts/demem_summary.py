@@ -62,6 +62,15 @@ def main(root: Path) -> None:
         if rec.get("status") == "ok" and rec["config"]["defense"]["name"] in DEFENSES:
             groups[variant(rec)].append((rec, f.parent))
             datasets.add(rec["config"]["dataset"]["name"])
+    # one AutoAttack protocol: a folder shared with another study (e.g. the cf-at sweep) may hold a
+    # second run of the same recipe and seed that differs only in autoattack.n_examples
+    def aa_n(rec):
+        return rec["config"]["evaluators"].get("autoattack", {}).get("params", {}).get("n_examples")
+
+    ns = [aa_n(r) for runs in groups.values() for r, _ in runs if r["config"]["defense"]["name"] == "demem"]
+    if ns:
+        keep = max(set(ns), key=ns.count)
+        groups = defaultdict(list, {k: [(r, d) for r, d in v if aa_n(r) == keep] for k, v in groups.items()})
     if len(datasets) > 1:
         raise SystemExit(f"{root} holds runs of several datasets ({sorted(datasets)}); give one folder per dataset")
     # per-run TPR columns: every FPR that at least one run can support

@@ -100,3 +100,13 @@ def test_dataset_evaluator_defaults_apply_and_set_wins():
     # an evaluator that is not selected is not touched
     c = make_config(dataset="digits", defense="pgd-at", evaluators=["clean"])
     assert set(c.evaluator_params) == {"clean"}
+
+
+def test_auto_threads_one_for_small_cpu_models_only():
+    from cfbench.cli import auto_threads
+
+    assert auto_threads(make_config(dataset="digits", defense="erm")) == 1            # cnn8, 0.19M
+    assert auto_threads(make_config(dataset="fashion-mnist", defense="erm")) == 1     # cnn28, 0.86M
+    assert auto_threads(make_config(dataset="cifar10", defense="erm")) is None        # preact-resnet18, 11M
+    # the rule follows the model's actual size, not its name: a wide cnn8 has > 1M parameters
+    assert auto_threads(make_config(dataset="digits", defense="erm", sets={"model.width": "256"})) is None

@@ -131,7 +131,7 @@ class AutoAttackRobustness(Evaluator):
         resumed = state is not None
         if state is None:
             clean = predict(ctx.model, x, ctx.device).argmax(1).cpu() == y
-            state = {"robust": clean.clone(), "x_adv": x.clone(), "done": [], "acc": {"clean": clean.float().mean().item()},
+            state = {"robust": clean.clone(), "x_adv": x.clone(), "done": [], "acc": {"clean": int(clean.sum()) / n},
                      "seconds": {}}
             _save_state(state_path, key, state)
         resumed_after = list(state["done"])
@@ -156,7 +156,7 @@ class AutoAttackRobustness(Evaluator):
                     state["robust"][idx[broken]] = False
                     state["x_adv"][idx[broken]] = x_adv_s[broken]
                 state["done"].append(attack)
-                state["acc"][attack] = state["robust"].float().mean().item()
+                state["acc"][attack] = int(state["robust"].sum()) / n
                 state["seconds"][attack] = time.perf_counter() - t0
                 _save_state(state_path, key, state)
             aa_checks.check_square_sr(dict(state["acc"]), logger=logger)
