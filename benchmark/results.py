@@ -116,16 +116,39 @@ def metric_value(m: Any) -> Any:
     return m.get("value") if isinstance(m, dict) else m
 
 
-def save_model(model, path: Path, meta: dict[str, Any]) -> None:
+def save_tensors_atomic(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """A safetensors file with ``meta`` as JSON under the ``cfbench`` metadata key, written to a
+    private temporary name and renamed (readers never see half a file), mode 0644."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"cfbench": json.dumps(_clean(meta), default=str)})
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files and the cache are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tensors and ``cfbench`` metadata of a file written by :func:`save_tensors_atomic` (no pickle)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("cfbench", "{}"))
+    return load_file(str(path)), meta
+
+
+def save_model(model, path: Path, meta: dict[str, Any]) -> None:
     from .training import unwrap
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"cfbench": json.dumps(_clean(meta))})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_tensors_atomic(path, unwrap(model).state_dict(), meta)
 
 
 def load_model(run_dir: str | Path, device: str = "cpu"):

@@ -63,7 +63,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,7 @@ import torch
 
 from ..errors import UsageError
 from ..params import param
+from ..results import load_tensors, save_tensors_atomic  # noqa: F401 - also imported from here by cf-at
 from .autoencoder import ConvAutoencoder, train_autoencoder
 from .base import Attack, ThreatModel
 
@@ -133,29 +133,6 @@ def data_fingerprint(*tensors: torch.Tensor) -> str:
 
 def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """safetensors file written to a temporary name and renamed (readers never see half a file)."""
-    from safetensors.torch import save_file
-
-    from ..results import _clean
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"cfbench": json.dumps(_clean(meta))})
-    os.chmod(tmp, 0o644)  # readable like the run's other files (the temporary name is private)
-    os.replace(tmp, path)
-
-
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("cfbench", "{}"))
-    return load_file(str(path)), meta
 
 
 def _flat(z: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ evaluation resume after its last finished attack (see :class:`AutoAttackRobustne
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 
 from ..attacks.pgd import PGDAttack, PGDParams
 from ..params import param
+from ..results import load_tensors, save_tensors_atomic
 from .base import EvalContext, EvalResult, Evaluator, predict, proportion
 
 
@@ -191,10 +191,8 @@ def _sha256(t: torch.Tensor) -> str:
 
 
 def _save_state(path, key: dict, state: dict) -> None:
-    from ..mia.reference import _atomic_save
-
     meta = {"key": key, "done": state["done"], "acc": state["acc"], "seconds": state["seconds"]}
-    _atomic_save({"robust": state["robust"].to(torch.uint8), "x_adv": state["x_adv"].contiguous()}, path, meta)
+    save_tensors_atomic(path, {"robust": state["robust"].to(torch.uint8), "x_adv": state["x_adv"]}, meta)
 
 
 def _load_state(path, key: dict) -> dict | None:
@@ -202,13 +200,9 @@ def _load_state(path, key: dict) -> dict | None:
     ignored (and overwritten), never trusted."""
     if not path.exists():
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["cfbench"])
-            robust = f.get_tensor("robust").bool()
-            x_adv = f.get_tensor("x_adv")
+        tensors, meta = load_tensors(path)
+        robust, x_adv = tensors["robust"].bool(), tensors["x_adv"]
     except Exception:  # noqa: BLE001 - a truncated or foreign file: start over
         return None
     if meta.get("key") != key or robust.shape != (key["n"],):

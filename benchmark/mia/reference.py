@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -138,21 +136,6 @@ def reference_path(cache_dir: str | Path, recipe_hash: str, index: int) -> Path:
 # --------------------------------------------------------------------------------------------
 # training and loading
 # --------------------------------------------------------------------------------------------
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"cfbench": json.dumps(meta, default=str)})
-        os.chmod(tmp, 0o644)          # mkstemp makes 0600; the cache is shared by every run
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_reference_meta(path: str | Path) -> dict[str, Any]:
     """The metadata stored with a reference model (index, recipe hash, training seconds, ...)."""
     from safetensors import safe_open
@@ -173,7 +156,7 @@ def train_reference(cfg, data, index: int, cache_dir: str | Path, *, seed: int |
     parallel, and re-run it safely.  ``recipe_hash`` may be passed to skip recomputing it.
     """
     from .. import runner
-    from ..results import _clean
+    from ..results import save_tensors_atomic
     from ..training import unwrap
 
     if seed is None:
@@ -204,7 +187,7 @@ def train_reference(cfg, data, index: int, cache_dir: str | Path, *, seed: int |
         "opacus_fixed": bool(fctx.notes.get("opacus_fixed_modules")),
         "final_loss": (fctx.history[-1].get("loss") if fctx.history else None),
     }
-    _atomic_save(tensors, path, _clean(meta))
+    save_tensors_atomic(path, tensors, meta)
     shutil.rmtree(ckpt, ignore_errors=True)
     return path
 
