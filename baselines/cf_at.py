@@ -45,7 +45,7 @@ Outputs: ``cf.flip_rate`` (generator classifier, whole generated set), ``cf.targ
 x_nn), ``cf.l1_to_x`` / ``cf.l2_to_x`` (to x), ``cf.l2_neighbour_to_x``, ``cf.ae_error`` (L_AE
 of the counterfactuals) beside ``cf.ae_error_data`` (of the real images), ``cf.replaced``,
 ``cf.replaced_fraction``, ``cf.generator.train_accuracy``; 16 example triples
-(x, x_nn, counterfactual) in ``<run>/counterfactual_examples.safetensors``.
+(x, x_nn, counterfactual) as ``counterfactual.*`` in ``<run>/examples.safetensors``.
 """
 
 from __future__ import annotations
@@ -61,15 +61,15 @@ from pathlib import Path
 import torch
 
 from cfbench import params as P
-from cfbench.attacks.proto_cf import (ProtoCF, ProtoCFParams, canonical_hash, data_fingerprint, load_tensors,
-                                      quality, save_tensors_atomic)
-from cfbench.defense import Defense, FitContext
+from cfbench.attacks.proto_cf import ProtoCF, ProtoCFParams, data_fingerprint, quality
+from cfbench.defenses.base import Defense, FitContext, compose
 from cfbench.errors import UsageError
-from cfbench.evaluators.base import proportion
+from cfbench.hashing import canonical_hash
+from cfbench.mia.metrics import proportion
 from cfbench.params import param
-from cfbench_baselines.erm import ERM
+from cfbench.store.io import load_tensors, save_tensors_atomic
 
-EXAMPLES_FILE = "counterfactual_examples.safetensors"
+EXAMPLES_PREFIX = "counterfactual"
 N_EXAMPLES = 16
 #: cf-at setting -> proto-cf setting, where the names differ
 RENAMED = {"cf_lr": "lr", "cf_batch_size": "batch_size"}
@@ -141,13 +141,17 @@ class CFAT(Defense):
     Params = CFATParams
     contract_params = {"steps": 2, "c_steps": 1, "ae_epochs": 1}
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.base = compose("erm")  # plain cross-entropy, exactly erm's
+
     def loss(self, model, x, y, batch):
-        return ERM().loss(model, x, y, batch)  # plain cross-entropy, exactly erm's
+        return self.base.loss(model, x, y, batch)
 
     @classmethod
     def check_config(cls, cfg) -> None:
         if cfg.defense_params.p > 0:
-            c, h, w = cfg.dataset_spec().shape
+            c, h, w = cfg.dataset_info["shape"]
             if h % 2 or w % 2:
                 raise UsageError(f"cf-at needs even image sides for its autoencoder; {cfg.dataset!r} has {h}x{w}.")
 
@@ -162,7 +166,7 @@ class CFAT(Defense):
         gctx = FitContext(threat=ctx.threat, train=ctx.train, device=ctx.device, seed=ctx.seed,
                           num_classes=ctx.num_classes, augmentation=ctx.augmentation, checkpoint_dir=None,
                           cache_dir=None, progress=ctx.progress, desc=f"{ctx.desc} (cf generator classifier)")
-        ERM().fit(clf, x, y, gctx)
+        self.base.fit(clf, x, y, gctx)
         if path is not None:
             save_tensors_atomic(path, clf.state_dict(), {"recipe": recipe, "history": gctx.history})
         return clf.eval()
@@ -173,7 +177,7 @@ class CFAT(Defense):
         ``margin``) and their metadata; from the cache when this recipe was generated before."""
         gp = self.params.generator()
         fp = data_fingerprint(x, y)
-        clf_recipe = {"kind": "cf-at generator classifier", "defense": "erm", "erm_version": ERM.version,
+        clf_recipe = {"kind": "cf-at generator classifier", "defense": "erm", "erm_version": self.base.version,
                       "model": _model_identity(initial), "train": P.to_dict(ctx.train),
                       "augmentation": ctx.augmentation, "seed": ctx.seed, "data": fp}
         gen = ProtoCF(gp)
@@ -206,7 +210,7 @@ class CFAT(Defense):
 
     # -- fit --------------------------------------------------------------------------------------
     def fit(self, model, x, y, ctx: FitContext) -> None:
-        from cfbench.training import train
+        from cfbench.training.loop import train
 
         n = len(x)
         m = math.floor(self.params.p * n + 0.5)
@@ -252,15 +256,14 @@ class CFAT(Defense):
 
     @staticmethod
     def _save_examples(x, y, x_cf, nn, use, ctx: FitContext, notes: dict) -> None:
-        """16 (x, x_nn, counterfactual) triples for the report, into the *run* directory only
-        (``ctx.run_dir`` is set for the run's target; reference models and the contract check
-        have none and get no file)."""
+        """16 (x, x_nn, counterfactual) triples for the report, through the run's one example
+        channel (``ctx.examples``, saved as ``counterfactual.*`` in ``<run>/examples.safetensors``)
+        for the run's target only (``ctx.run_dir`` is None for reference models and the contract
+        check)."""
         if ctx.run_dir is None or len(use) == 0:
             return
         idx = use[:N_EXAMPLES]
-        path = Path(ctx.run_dir) / EXAMPLES_FILE
-        save_tensors_atomic(path, {"clean": x[idx], "neighbour": x[nn[idx]], "counterfactual": x_cf[idx],
-                                   "y": y[idx], "neighbour_y": y[nn[idx]], "index": idx},
-                            {"what": "cf-at training examples: clean = x (label y), neighbour = x_nn (label "
-                                     "neighbour_y), counterfactual = x_nn + delta towards y (trained with label y)"})
-        notes["examples_file"] = str(path)
+        ctx.examples[EXAMPLES_PREFIX] = {"clean": x[idx], "adv": x_cf[idx], "neighbour": x[nn[idx]],
+                                         "y": y[idx], "neighbour_y": y[nn[idx]], "index": idx}
+        notes["examples"] = (f"{EXAMPLES_PREFIX}.* in examples.safetensors: clean = x (label y), neighbour = x_nn "
+                             "(label neighbour_y), adv = the counterfactual x_nn + delta towards y (trained with y)")

@@ -10,7 +10,7 @@ record (``notes.defense.demem.choices``) and argued in docs/demem.md.
 
 * ``l_i`` is the **base defense's own per-sample loss** (PGD-AT: CE on the PGD example;
   TRADES: CE(clean) + trades_beta * KL_i), from ``base.per_sample_loss`` with the base's own
-  adversarial examples -- DeMem holds a base instance from the registry and adds only the
+  adversarial examples -- DeMem holds a base instance built by :func:`cfbench.defenses.base.compose` and adds only the
   penalty (``--set base=pgd-at|trades``; ``steps``, ``step_size``, ``trades_beta`` go to the
   base's Params).
 * **Penalty: per-sample flooding** (Ishida et al. 2020, applied per sample as in iFlood, Xie
@@ -36,8 +36,9 @@ record (``notes.defense.demem.choices``) and argued in docs/demem.md.
   ``OUT_i`` is the mean clean CE of sample i under the membership suite's reference models
   that did *not* train on it (the target fits it better than models that never saw it: the
   LiRA signal).  The oracle's reference models use the **base recipe** (no DeMem penalty),
-  ``oracle_models`` of them with the ``mia`` evaluator's reference seed, through
-  :func:`cfbench.mia.reference.train_reference` -- the same cache as a base run's own
+  ``oracle_models`` of them with reference seed ``oracle_seed`` (default 0, the ``mia``
+  evaluator's default), declared as training jobs (:func:`cfbench.execution.reference.reference_jobs`)
+  and run by the run's executor -- the same cache as a base run's own
   membership evaluation, so after ``cfbench run --defense pgd-at`` they cost nothing.  They
   train on subsets of the whole pool (members and non-members): a stronger-than-realistic
   defender (it sees the population), stated in the record.
@@ -49,7 +50,6 @@ record (``notes.defense.demem.choices``) and argued in docs/demem.md.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -59,10 +59,10 @@ import torch
 import torch.nn.functional as F
 
 from cfbench import params as P
-from cfbench.defense import Defense
+from cfbench.attacks.pgd import STEP_SIZE_HELP
+from cfbench.defenses.base import AdversarialDefense, Defense, compose
 from cfbench.errors import UsageError
 from cfbench.params import param
-from cfbench.registry import get
 
 _TRADES_BETA = 6.0
 _LOG = ("epoch", "high_risk", "penalty_set", "penalised_updates", "updates", "flood_sum", "batches")
@@ -82,9 +82,11 @@ class DeMemParams:
                                              "none = mean base loss of the batch's low-risk samples", ge=0)
     ema: float = param(0.9, "momentum of the per-sample running losses (one update per visit)", ge=0, lt=1)
     warmup: int = param(1, "epochs of plain base training before the first selection", ge=1)
-    oracle_models: int = param(8, "risk=oracle: reference models (base recipe, mia reference seed)", ge=2)
+    oracle_models: int = param(8, "risk=oracle: reference models (base recipe, oracle_seed)", ge=2)
+    oracle_seed: int = param(0, "risk=oracle: reference seed of the oracle's models (the mia evaluator's default "
+                                "reference_seed, so a base run's membership models are shared)")
     steps: int = param(10, "base: PGD steps of the inner maximisation", ge=1)
-    step_size: float | None = param(None, "base: PGD step size (default 2.5 * eps / steps)", gt=0)
+    step_size: float | None = param(None, "base: PGD " + STEP_SIZE_HELP, gt=0)
     trades_beta: float = param(_TRADES_BETA, "base=trades: TRADES' beta (KL weight)", ge=0)
 
     def validate(self) -> None:
@@ -94,21 +96,14 @@ class DeMemParams:
             raise UsageError(f"threshold={self.threshold} must be a finite number (or none for the fraction rule).")
 
 
-def reference_out_loss(cfg, data, positions, *, k: int, seed: int, cache_dir, device, progress=False):
+def reference_out_loss(models, in_mask: torch.Tensor, data, positions, device):
     """Mean clean CE of each training example (``positions`` in ``data``'s pool) over the
-    ``k`` membership reference models of recipe ``cfg`` that did not train on it; trains the
-    missing ones (cached).  Returns ``(out_loss, info)``."""
-    from cfbench.mia import reference as R
-
-    n_pool, n_mem = len(data.pool_idx), int(data.member_mask.sum())
-    recipe = R.reference_recipe_hash(cfg, data, seed)
-    in_mask = torch.from_numpy(R.reference_in_mask(n_pool, n_mem, k, seed))
+    reference ``models`` that did not train on it (``in_mask[i, n]``: model i trained on pool
+    example n).  Returns ``(out_loss, out_models_per_example)``."""
+    n_pool = len(data.pool_idx)
     x, y = data.x_pool, data.y_pool
-    total, count, trained = torch.zeros(n_pool, dtype=torch.float64), torch.zeros(n_pool), 0
-    for i in range(k):
-        trained += not R.reference_path(cache_dir, recipe, i).exists()
-        path = R.train_reference(cfg, data, i, cache_dir, seed=seed, progress=progress, recipe_hash=recipe)
-        model = R.load_reference(cfg, data, path, device)
+    total, count = torch.zeros(n_pool, dtype=torch.float64), torch.zeros(n_pool)
+    for i, model in enumerate(models):
         with torch.no_grad():
             loss = torch.cat([F.cross_entropy(model(xb.to(device)), yb.to(device), reduction="none").cpu()
                               for xb, yb in zip(x.split(512), y.split(512))])
@@ -117,10 +112,8 @@ def reference_out_loss(cfg, data, positions, *, k: int, seed: int, cache_dir, de
     pos = torch.as_tensor(np.asarray(positions), dtype=torch.long)
     if (count[pos] == 0).any():
         raise UsageError(f"risk=oracle: {int((count[pos] == 0).sum())} training examples are IN for all "
-                         f"{k} reference models; raise oracle_models or use member_fraction=0.5.")
-    info = {"recipe_hash": recipe, "models": k, "reference_seed": seed, "trained_now": trained,
-            "out_models_per_example_min": int(count[pos].min())}
-    return (total[pos] / count[pos]).float(), info
+                         f"{len(models)} reference models; raise oracle_models or use member_fraction=0.5.")
+    return (total[pos] / count[pos]).float(), count[pos]
 
 
 class DeMem(Defense):
@@ -139,12 +132,11 @@ class DeMem(Defense):
         values = {"steps": p.steps, "step_size": p.step_size}
         if p.base == "trades":
             values["beta"] = p.trades_beta
-        cls = get("defense", p.base)
-        self.base = cls(P.build(cls.Params, values, where=f"{p.base}."))
+        self.base = compose(p.base, values, require=AdversarialDefense)
 
     # -- training ------------------------------------------------------------------------
     def fit(self, model, x, y, ctx) -> None:
-        from cfbench.training import train
+        from cfbench.training.loop import train
 
         p, n, dev = self.params, len(x), ctx.device
         self._n, self._log = n, []
@@ -153,14 +145,24 @@ class DeMem(Defense):
         self._top = self._mask = torch.zeros(n, dtype=torch.bool, device=dev)
         self._out, oracle = None, None
         if p.risk == "oracle":
-            if ctx.config is None or ctx.data is None or ctx.pool_positions is None or ctx.cache_dir is None:
+            if ctx.config is None or ctx.data is None or ctx.pool_positions is None or ctx.cache_dir is None \
+                    or ctx.run_jobs is None:
                 raise UsageError("demem risk=oracle needs the run's membership reference models: fit it through "
-                                 "`cfbench run` (cfbench.runner.fit_recipe), or use risk=loss.")
-            mia = getattr(ctx.config, "evaluator_params", {}).get("mia")
-            base_cfg = dataclasses.replace(ctx.config, defense=p.base, defense_params=self.base.params)
-            out, oracle = reference_out_loss(base_cfg, ctx.data, ctx.pool_positions, k=p.oracle_models,
-                                             seed=int(getattr(mia, "reference_seed", 0)), cache_dir=ctx.cache_dir,
-                                             device=dev, progress=ctx.progress)
+                                 "`cfbench run` (cfbench.training.recipe.fit_recipe with an executor), or use risk=loss.")
+            from cfbench.execution import reference as XR
+            from cfbench.mia.reference import reference_in_mask
+
+            base_cfg = ctx.config.with_defense(p.base, self.base.params)
+            jobs = XR.reference_jobs(base_cfg, ctx.data, p.oracle_models, ctx.cache_dir, seed=p.oracle_seed)
+            trained = sum(not j.path.exists() for j in jobs)
+            paths = ctx.run_jobs(jobs)
+            models = (XR.load_reference(base_cfg, ctx.data, path, dev) for path in paths)
+            in_mask = torch.from_numpy(reference_in_mask(len(ctx.data.pool_idx), int(ctx.data.member_mask.sum()),
+                                                         p.oracle_models, p.oracle_seed))
+            out, count = reference_out_loss(models, in_mask, ctx.data, ctx.pool_positions, dev)
+            oracle = {"recipe_hash": jobs[0].meta["recipe_hash"], "models": p.oracle_models,
+                      "reference_seed": p.oracle_seed, "trained_now": trained,
+                      "out_models_per_example_min": int(count.min())}
             self._out = out.to(dev)
         if ctx.train.epochs is not None and p.warmup >= ctx.train.epochs:
             ctx.warnings.append(f"demem: warmup={p.warmup} >= epochs={ctx.train.epochs}: no penalty was applied")

@@ -31,10 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cfbench import dp
+from cfbench.defenses.base import AdversarialDefense, compose
 from cfbench.errors import UsageError
+from cfbench.params import to_dict
 
 from .dp_sgd import DPSGD, DPSGDParams
-from .pgd_at import PGDAT, PGDATParams
+from .pgd_at import PGDATParams
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,12 @@ class DPATParams(PGDATParams, DPSGDParams):
                              "Valid choices: mix=0, or grad_sample_mode=hooks, ew or functorch.")
 
 
-class DPAT(DPSGD, PGDAT):
-    """DP-SGD step on PGD adversarial (optionally mixed) batches; accounting as DP-SGD."""
+class DPAT(DPSGD):
+    """DP-SGD step on PGD adversarial (optionally mixed) batches; accounting as DP-SGD.
+
+    The adversarial part is a composed ``pgd-at`` instance (:func:`cfbench.defenses.base.compose`)
+    with this defense's attack parameters; only its ``adversarial`` / ``per_sample_loss``
+    interface is used."""
 
     name = "dp-at"
     description = "DP adversarial training: PGD examples, then a DP-SGD step (Opacus); epsilon accounted"
@@ -61,9 +67,15 @@ class DPAT(DPSGD, PGDAT):
     def ghost_applies(self) -> bool:
         return self.params.mix == 0
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        attack = {f: v for f, v in to_dict(self.params).items() if f in PGDATParams.__dataclass_fields__}
+        self.base = compose("pgd-at", attack, require=AdversarialDefense)
+
     def private_loss(self, model, x, y, batch):
-        return PGDAT.loss(self, model, x, y, batch)
+        per, logits = self.base.per_sample_loss(model, x, y, batch, x_adv=self.adversarial(model, x, y, batch))
+        return per.mean(), logits
 
     def adversarial(self, model, x, y, batch):
         with dp.plain(model) as plain_model:
-            return PGDAT.adversarial(self, plain_model, x, y, batch)
+            return self.base.adversarial(plain_model, x, y, batch)

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from cfbench import dp
-from cfbench.defense import Defense
+from cfbench.defenses.base import Defense
 from cfbench.errors import UsageError
 from cfbench.params import param
 
@@ -152,7 +152,7 @@ class DPSGD(Defense):
 
     # -- fit -------------------------------------------------------------------------------
     def fit(self, model, x, y, ctx) -> None:
-        from cfbench.training import make_optimizer, train
+        from cfbench.training.loop import make_optimizer, train
 
         p, tp = self.params, ctx.train
         n = len(x)

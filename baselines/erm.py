@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from cfbench.defense import Defense
+from cfbench.defenses.base import Defense
 from cfbench.params import param
 
 

@@ -20,19 +20,20 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from cfbench.defense import Defense
+from cfbench.attacks.pgd import STEP_SIZE_HELP, default_step_size
+from cfbench.defenses.base import AdversarialDefense
 from cfbench.params import param
 
 
 @dataclass(frozen=True)
 class PGDATParams:
     steps: int = param(10, "PGD steps of the inner maximisation", ge=1)
-    step_size: float | None = param(None, "PGD step size (default 2.5 * eps / steps)", gt=0)
+    step_size: float | None = param(None, STEP_SIZE_HELP, gt=0)
     rand_init: bool = param(True, "random start inside the ball")
     mix: float = param(0.0, "weight of the clean loss: (1-mix)*CE(adv) + mix*CE(clean)", ge=0, le=1)
 
 
-class PGDAT(Defense):
+class PGDAT(AdversarialDefense):
     """Madry et al. (2018) min-max training on PGD examples, Linf or L2."""
 
     name = "pgd-at"
@@ -42,7 +43,7 @@ class PGDAT(Defense):
     Params = PGDATParams
 
     def step_size(self, eps: float) -> float:
-        return self.params.step_size if self.params.step_size is not None else 2.5 * eps / self.params.steps
+        return default_step_size(eps, self.params.steps, self.params.step_size)
 
     def adversarial(self, model, x, y, batch):
         p = self.params
@@ -58,7 +59,3 @@ class PGDAT(Defense):
         if self.params.mix > 0:
             loss = (1 - self.params.mix) * loss + self.params.mix * F.cross_entropy(model(x), y, reduction="none")
         return loss, logits
-
-    def loss(self, model, x, y, batch):
-        loss, logits = self.per_sample_loss(model, x, y, batch)
-        return loss.mean(), logits

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cfbench.defense import Defense
+from cfbench.attacks.pgd import STEP_SIZE_HELP, default_step_size
+from cfbench.defenses.base import AdversarialDefense
 from cfbench.params import param
 
 
@@ -26,7 +27,7 @@ from cfbench.params import param
 class TRADESParams:
     beta: float = param(6.0, "weight of the KL robustness term (paper: 6 on CIFAR-10)", ge=0)
     steps: int = param(10, "PGD steps on the KL term", ge=1)
-    step_size: float | None = param(None, "step size (default 2.5 * eps / steps)", gt=0)
+    step_size: float | None = param(None, STEP_SIZE_HELP, gt=0)
 
 
 def kl_sum(adv_logits: torch.Tensor, clean_probs: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ def kl_sum(adv_logits: torch.Tensor, clean_probs: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(adv_logits, dim=1), clean_probs, reduction="sum")
 
 
-class TRADES(Defense):
+class TRADES(AdversarialDefense):
     """Zhang et al. (2019): clean CE + beta * KL(clean || adversarial)."""
 
     name = "trades"
@@ -46,7 +47,7 @@ class TRADES(Defense):
     def adversarial(self, model, x, y, batch):
         p = self.params
         eps = batch.ctx.threat.eps
-        alpha = p.step_size if p.step_size is not None else 2.5 * eps / p.steps
+        alpha = default_step_size(eps, p.steps, p.step_size)
         was = model.training
         model.eval()
         with torch.no_grad():
@@ -65,6 +66,4 @@ class TRADES(Defense):
         robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="none").sum(1)
         return natural + self.params.beta * robust, logits
 
-    def loss(self, model, x, y, batch):
-        loss, logits = self.per_sample_loss(model, x, y, batch)
-        return loss.mean(), logits  # = mean CE + beta * batchmean KL (the reference code's reduction)
+    # loss (AdversarialDefense): the batch mean = mean CE + beta * batchmean KL (the reference code's reduction)

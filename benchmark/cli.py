@@ -84,10 +84,10 @@ def auto_threads(cfg) -> int | None:
     from . import params as P
     from .models import build_model, count_parameters
 
-    spec = cfg.dataset_spec()
-    c = spec.shape[0]
+    shape, num_classes = tuple(cfg.dataset_info["shape"]), cfg.dataset_info["num_classes"]
+    c = shape[0]
     try:
-        model = build_model(cfg.model, spec.shape, spec.num_classes, (0.5,) * c, (0.5,) * c, P.to_dict(cfg.model_params))
+        model = build_model(cfg.model, shape, num_classes, (0.5,) * c, (0.5,) * c, P.to_dict(cfg.model_params))
     except Exception:  # noqa: BLE001 - a model that cannot be built fails later with its own message
         return None
     return 1 if count_parameters(model) < SMALL_MODEL_PARAMS else None
@@ -97,7 +97,17 @@ def cmd_run(args) -> int:
     from .config import make_config, parse_sets
     from .runner import execute
 
-    evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()] if args.evaluators else None
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads} is not valid: give a positive number of threads, "
+                         "or 0 for the default.")
+    evaluators = None
+    if args.evaluators is not None:
+        evaluators = [e.strip() for e in args.evaluators.split(",")]
+        if not all(evaluators):
+            from .registry import registry
+
+            raise UsageError(f"--evaluators {args.evaluators!r} has an empty name. Valid choices: "
+                             + ", ".join(registry("evaluator").names()) + " (comma-separated).")
     cfg = make_config(dataset=args.dataset, defense=args.defense, model=args.model, seed=args.seed,
                       sets=parse_sets(args.set), evaluators=evaluators, device=args.device,
                       data_dir=args.data_dir, download=args.download)
@@ -115,7 +125,7 @@ def cmd_run(args) -> int:
         print(f"cfbench: run failed: {e}\n  record: {Path(args.out) / cfg.run_id() / 'record.json'}", file=sys.stderr)
         return 1
     print_summary(outcome.record, outcome.run_dir, outcome.reused)
-    from .report import report_after_run  # <run-dir>/report.html; a failure only warns
+    from .present.report import report_after_run  # <run-dir>/report.html; a failure only warns
 
     report_after_run(outcome.run_dir)
     return 0
@@ -217,15 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Sub-commands that live in their own modules (leaderboard, report, sweep)."""
-    out = []
-    for mod in ("cfbench.leaderboard", "cfbench.report"):
-        try:
-            m = __import__(mod, fromlist=["add_subparser"])
-        except ImportError:
-            continue
-        out.append(m.add_subparser)
-    return out
+    """Sub-commands that live in their own package (``leaderboard`` and ``report``)."""
+    from .present.cli import add_subparsers
+
+    return [add_subparsers]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,12 @@ model       the model's ``Params`` (e.g. ``width``)
 <evaluator> each evaluator's ``Params`` (e.g. ``autoattack.n_examples``, ``pgd.steps``)
 ==========  ==========================================================================
 
-A qualified key (``train.epochs``) names its section.  A bare key (``epochs``) is looked up
-in the order defense, train, threat, data, model, evaluators, and the first section that
-has it wins; the resolved configuration (every value, defaults included) is stored in the
-record, so nothing is hidden.  Every value is cast to the declared type; unknown keys are
-errors with close-match suggestions.
+A qualified key (``train.epochs``, ``defense.steps``, ``pgd.steps``) names its section.  A
+bare key (``epochs``) is accepted when exactly one section has it; when several do (``steps``
+is both the defense's and the ``pgd`` evaluator's) it is an error naming every qualified key.
+A key given twice is an error too.  The resolved configuration (every value, defaults
+included) is stored in the record, so nothing is hidden.  Every value is cast to the
+declared type; unknown keys are errors with close-match suggestions.
 
 The hash covers everything that changes a result: dataset, model, defense (with their
 versions), all parameters, evaluators (with versions), and the seed.  It does not cover
@@ -26,13 +27,13 @@ the device, the data directory or the output directory.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import params as P
 from .errors import UsageError, suggest
+from .hashing import canonical_hash
 from .params import param
 from .registry import get, registry
 
@@ -74,6 +75,15 @@ BASE_SECTIONS = {"train": TrainParams, "threat": ThreatParams, "data": DataParam
 
 @dataclass(frozen=True)
 class RunConfig:
+    """A run's configuration, resolved once by :func:`make_config` into plain data.
+
+    ``train`` and ``threat`` hold the resolved values (the dataset's defaults filled in);
+    ``components`` the name, version and (for ``--plugin`` files) file digest of every
+    component; ``dataset_info`` the dataset's image shape, class count and augmentation
+    family.  :meth:`canonical` and :meth:`config_hash` are pure functions of this value:
+    they never ask the registry again.
+    """
+
     dataset: str
     defense: str
     model: str
@@ -88,47 +98,44 @@ class RunConfig:
     device: str = "cpu"
     data_dir: str | None = None
     download: bool = False
+    #: {"dataset"|"model"|"defense": {"name", "version"[, "file_sha256"]}, "evaluators": {name: {...}}}
+    components: dict[str, Any] = field(default_factory=dict)
+    #: {"shape": [C, H, W], "num_classes": int, "augmentation": str}
+    dataset_info: dict[str, Any] = field(default_factory=dict)
 
-    # -- resolved values ----------------------------------------------------------------
+    # -- values -------------------------------------------------------------------------
+    @property
+    def eps(self) -> float:
+        return float(self.threat.eps)
+
     def dataset_spec(self):
+        """The dataset component (to load the data; not part of the identity)."""
         return get("dataset", self.dataset)()
 
-    def eps(self) -> float:
-        if self.threat.eps is not None:
-            return self.threat.eps
-        spec = self.dataset_spec()
-        return spec.default_eps if self.threat.norm == "Linf" else spec.default_eps_l2
-
-    def resolved_train(self) -> TrainParams:
-        spec = self.dataset_spec()
-        import dataclasses
-        return dataclasses.replace(
-            self.train,
-            epochs=self.train.epochs or spec.default_epochs,
-            batch_size=self.train.batch_size or spec.default_batch_size,
-            lr=self.train.lr or spec.default_lr,
-        )
+    def with_defense(self, defense: str, defense_params: Any) -> RunConfig:
+        """The same run with another defense (e.g. a composite defense's base recipe),
+        re-resolved so its identity names the new defense's version and digest."""
+        comps = dict(self.components)
+        comps["defense"] = _component("defense", defense)
+        return dataclasses.replace(self, defense=defense, defense_params=defense_params, components=comps)
 
     # -- identity -----------------------------------------------------------------------
     def canonical(self) -> dict[str, Any]:
         """Everything that determines the result, with defaults resolved."""
-        comp = {k: registry(k).get(n) for k, n in (("dataset", self.dataset), ("defense", self.defense),
-                                                    ("model", self.model))}
-        ev = {}
-        for name in self.evaluators:
-            cls = get("evaluator", name)
-            ev[name] = {"version": getattr(cls, "version", 1),
-                        "params": P.to_dict(self.evaluator_params[name]) if name in self.evaluator_params else {},
-                        **_file_digest("evaluator", name)}
+        c = self.components
+        ev = {name: {"version": c["evaluators"][name]["version"],
+                     "params": P.to_dict(self.evaluator_params[name]) if name in self.evaluator_params else {},
+                     **_digest(c["evaluators"][name])}
+              for name in self.evaluators}
         return {
             "protocol": PROTOCOL_VERSION,
-            "dataset": {"name": self.dataset, "version": comp["dataset"].version, **_file_digest("dataset", self.dataset)},
-            "model": {"name": self.model, "version": comp["model"].version, "params": P.to_dict(self.model_params),
-                      **_file_digest("model", self.model)},
-            "defense": {"name": self.defense, "version": comp["defense"].version,
-                        "params": P.to_dict(self.defense_params), **_file_digest("defense", self.defense)},
-            "train": P.to_dict(self.resolved_train()),
-            "threat": {"norm": self.threat.norm, "eps": self.eps()},
+            "dataset": {"name": self.dataset, "version": c["dataset"]["version"], **_digest(c["dataset"])},
+            "model": {"name": self.model, "version": c["model"]["version"], "params": P.to_dict(self.model_params),
+                      **_digest(c["model"])},
+            "defense": {"name": self.defense, "version": c["defense"]["version"],
+                        "params": P.to_dict(self.defense_params), **_digest(c["defense"])},
+            "train": P.to_dict(self.train),
+            "threat": {"norm": self.threat.norm, "eps": self.threat.eps},
             "data": P.to_dict(self.data),
             "evaluators": ev,
             "seed": self.seed,
@@ -147,17 +154,20 @@ class RunConfig:
         return d
 
 
-def _file_digest(kind: str, name: str) -> dict[str, str]:
-    """A component loaded from a ``--plugin`` file is identified by the sha256 of its bytes too,
-    so editing the file without bumping its ``version`` cannot reuse records made with the old
-    code.  Installed components (entry points) are identified by name and version only."""
-    digest = registry(kind).entry(name).sha256
-    return {"file_sha256": digest} if digest else {}
+def _digest(comp: dict[str, Any]) -> dict[str, str]:
+    return {"file_sha256": comp["file_sha256"]} if comp.get("file_sha256") else {}
 
 
-def canonical_hash(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+def _component(kind: str, name: str) -> dict[str, Any]:
+    """Name, version and -- for a component loaded from a ``--plugin`` file -- the sha256 of the
+    file's bytes, so editing the file without bumping its ``version`` cannot reuse records made
+    with the old code.  Installed components (entry points) are identified by name and version."""
+    reg = registry(kind)
+    out = {"name": name, "version": getattr(reg.get(name), "version", 1)}
+    digest = reg.entry(name).sha256
+    if digest:
+        out["file_sha256"] = digest
+    return out
 
 
 def parse_sets(items: list[str] | None) -> list[tuple[str, str]]:
@@ -183,6 +193,12 @@ def make_config(*, dataset: str = "digits", defense: str = "erm", model: str | N
     model = model or spec_cls.default_model
     model_cls = get("model", model)
     evaluators = tuple(evaluators) if evaluators is not None else DEFAULT_EVALUATORS
+    if not evaluators:
+        raise UsageError("no evaluator given (--evaluators was empty). Valid choices: "
+                         + ", ".join(registry("evaluator").names()) + ".")
+    dup = sorted({e for e in evaluators if evaluators.count(e) > 1})
+    if dup:
+        raise UsageError(f"evaluator {dup[0]!r} is listed twice in --evaluators; list each once.")
     for e in evaluators:
         get("evaluator", e)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -202,14 +218,19 @@ def make_config(*, dataset: str = "digits", defense: str = "erm", model: str | N
                 raise UsageError(f"unknown setting {key!r}: no section {sec!r}." + suggest(key, all_keys))
             if name not in {f["name"] for f in P.describe(sections[sec])}:
                 raise UsageError(f"unknown setting {key!r}." + suggest(key, all_keys))
-            values[sec][name] = value
         else:
-            for sec, cls in sections.items():
-                if key in {f["name"] for f in P.describe(cls)}:
-                    values[sec][key] = value
-                    break
-            else:
+            owners = [sec for sec, cls in sections.items() if key in {f["name"] for f in P.describe(cls)}]
+            if not owners:
                 raise UsageError(f"unknown setting {key!r}." + suggest(key, all_keys + [k.split('.', 1)[1] for k in all_keys]))
+            if len(owners) > 1:
+                raise UsageError(f"setting {key!r} is ambiguous: it is "
+                                 + " and ".join(f"{s}.{key}" for s in owners)
+                                 + ". Name one: " + ", ".join(f"--set {s}.{key}={value}" for s in owners) + ".")
+            sec, name = owners[0], key
+        if name in values[sec]:
+            raise UsageError(f"setting {sec}.{name} is given twice ({values[sec][name]!r} and "
+                             f"{value!r}); give it once.")
+        values[sec][name] = value
 
     for key, value in getattr(spec_cls, "default_evaluator_settings", {}).items():
         sec, _, name = key.partition(".")
@@ -221,11 +242,22 @@ def make_config(*, dataset: str = "digits", defense: str = "erm", model: str | N
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device} was asked for, but torch.cuda.is_available() is False "
                              "on this machine. Valid choice here: cpu.")
+    spec = spec_cls()
+    train = dataclasses.replace(built["train"], epochs=built["train"].epochs or spec.default_epochs,
+                                batch_size=built["train"].batch_size or spec.default_batch_size,
+                                lr=built["train"].lr or spec.default_lr)
+    threat = built["threat"]
+    if threat.eps is None:
+        threat = dataclasses.replace(threat, eps=spec.default_eps if threat.norm == "Linf" else spec.default_eps_l2)
+    components = {"dataset": _component("dataset", dataset), "model": _component("model", model),
+                  "defense": _component("defense", defense),
+                  "evaluators": {e: _component("evaluator", e) for e in evaluators}}
+    info = {"shape": list(spec.shape), "num_classes": int(spec.num_classes), "augmentation": spec.augmentation}
     cfg = RunConfig(dataset=dataset, defense=defense, model=model, seed=seed,
-                    defense_params=built["defense"], model_params=built["model"], train=built["train"],
-                    threat=built["threat"], data=built["data"], evaluators=evaluators,
+                    defense_params=built["defense"], model_params=built["model"], train=train,
+                    threat=threat, data=built["data"], evaluators=evaluators,
                     evaluator_params={e: built[e] for e in evaluators}, device=device, data_dir=data_dir,
-                    download=download)
+                    download=download, components=components, dataset_info=info)
     check = getattr(defense_cls, "check_config", None)
     if callable(check):
         check(cfg)

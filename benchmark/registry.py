@@ -46,8 +46,8 @@ from . import PLUGIN_API_VERSION
 from .errors import PluginError, UsageError, suggest
 
 KINDS = {
-    "defense": ("cfbench.defenses", "cfbench.defense:Defense"),
-    "dataset": ("cfbench.datasets", "cfbench.data.specs:DatasetSpec"),
+    "defense": ("cfbench.defenses", "cfbench.defenses.base:Defense"),
+    "dataset": ("cfbench.datasets", "cfbench.data.base:DatasetSpec"),
     "model": ("cfbench.models", "cfbench.models:ModelBase"),
     "attack": ("cfbench.attacks", "cfbench.attacks.base:Attack"),
     "evaluator": ("cfbench.evaluators", "cfbench.evaluators.base:Evaluator"),
@@ -105,10 +105,6 @@ class Entry:
 
     def _failure(self) -> str:
         return f"{self.kind} {self.name!r} from {self.source} ({self.target}) failed to import: {self.error}"
-
-    @property
-    def builtin(self) -> bool:
-        return self.distribution == "cfbench"
 
     def describe_origin(self) -> str:
         what = self.target or (f"{self.obj.__qualname__}" if self.obj is not None else "?")

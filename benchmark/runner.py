@@ -18,60 +18,15 @@ from typing import Any
 
 import torch
 
-from . import params as P
-from .attacks.base import ThreatModel
 from .config import RunConfig
-from .data.splits import RunData, make_split
-from .defense import FitContext
 from .errors import UsageError
 from .evaluators.base import EvalContext
+from .execution.local import LocalExecutor
 from .registry import get, registry
-from .results import MODEL, RECORD, SCHEMA_VERSION, read_record, save_model, versions, write_json
-
-CACHE_DIR = "_cache"
-
-
-def load_data(cfg: RunConfig) -> RunData:
-    spec = cfg.dataset_spec()
-    ds = spec.load(cfg.data_dir, download=cfg.download)
-    if tuple(ds.x_train.shape[1:]) != tuple(spec.shape):
-        raise UsageError(f"dataset {cfg.dataset!r} loaded images of shape {ds.x_train.shape[1:]}, "
-                         f"expected {spec.shape}.")
-    d = cfg.data
-    return make_split(ds, d.pool_size, d.member_fraction, d.split_seed, d.test_size)
-
-
-def build_model_for(cfg: RunConfig, data: RunData, seed: int) -> torch.nn.Module:
-    from .models import build_model
-
-    torch.manual_seed(seed)
-    ds = data.dataset
-    return build_model(cfg.model, ds.shape, ds.num_classes, ds.mean, ds.std, P.to_dict(cfg.model_params))
-
-
-def threat_of(cfg: RunConfig) -> ThreatModel:
-    return ThreatModel(cfg.threat.norm, cfg.eps())
-
-
-def fit_recipe(cfg: RunConfig, data: RunData, x: torch.Tensor, y: torch.Tensor, *, seed: int,
-               checkpoint_dir: Path | None, cache_dir: Path | None, progress: bool = True,
-               desc: str = "train", pool_positions=None, run_dir: Path | None = None,
-               ) -> tuple[torch.nn.Module, FitContext]:
-    """Train a fresh model with the run's recipe (defense, hyper-parameters, training budget).
-
-    The target model and every membership-inference reference model go through here, so
-    reference models are trained exactly like the target.
-    """
-    model = build_model_for(cfg, data, seed)
-    defense = get("defense", cfg.defense)(cfg.defense_params)
-    spec = cfg.dataset_spec()
-    ctx = FitContext(threat=threat_of(cfg), train=cfg.resolved_train(), device=torch.device(cfg.device),
-                     seed=seed, num_classes=data.dataset.num_classes, augmentation=spec.augmentation,
-                     checkpoint_dir=checkpoint_dir, run_dir=run_dir, cache_dir=cache_dir, progress=progress,
-                     desc=desc, config=cfg, data=data, pool_positions=pool_positions)
-    defense.fit(model, x, y, ctx)
-    model.eval()
-    return model, ctx
+from .store import CACHE_DIR, EXAMPLES, MODEL, RECORD, SCHEMA_VERSION, read_record, versions, write_json
+from .store.examples import save_examples
+from .store.models import save_model
+from .training.recipe import fit_recipe, load_data, model_meta, threat_of
 
 
 def component_info(kind: str, name: str) -> dict[str, Any]:
@@ -80,6 +35,19 @@ def component_info(kind: str, name: str) -> dict[str, Any]:
     return {"name": name, "version": getattr(cls, "version", 1), **entry.provenance(),
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "family": getattr(cls, "family", None), "description": getattr(cls, "description", "")}
+
+
+def check_namespace(evaluator: str, metrics: dict[str, Any], namespaces: dict[str, str],
+                    taken: dict[str, Any]) -> None:
+    """Every metric of ``evaluator`` must lie in its namespace and be new (a plugin can never
+    overwrite another evaluator's or the defense's numbers)."""
+    ns = namespaces[evaluator]
+    for key in metrics:
+        if not key.startswith(ns + "."):
+            raise UsageError(f"evaluator {evaluator!r} returned metric {key!r} outside its namespace {ns!r}; "
+                             f"its metric keys must start with {ns + '.'!r}.")
+        if key in taken:
+            raise UsageError(f"evaluator {evaluator!r} returned metric {key!r}, which this run already has.")
 
 
 @dataclass
@@ -101,6 +69,7 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    namespaces = {e: get("evaluator", e).metric_namespace() for e in cfg.evaluators}
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id,
         "name": f"{cfg.dataset}:defense={cfg.defense},model={cfg.model},seed={cfg.seed}",
@@ -111,8 +80,10 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
                        "defense": component_info("defense", cfg.defense),
                        "evaluators": {e: component_info("evaluator", e) for e in cfg.evaluators}},
         "versions": versions(), "splits": None, "timings": {}, "warnings": [], "metrics": {},
-        "notes": {}, "history": [],
+        "notes": {}, "history": [], "jobs": [], "examples": [],
     }
+    declared: list[dict[str, Any]] = record["jobs"]
+    executor = LocalExecutor(progress=progress, on_job=lambda job: declared.append(job.describe()))
     timings = record["timings"]
     t_all = time.perf_counter()
     try:
@@ -126,35 +97,40 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
         model, fctx = fit_recipe(cfg, data, data.x_train, data.y_train, seed=cfg.seed,
                                  checkpoint_dir=run_dir / "checkpoints", cache_dir=out / CACHE_DIR,
                                  run_dir=run_dir, progress=progress, desc=f"{cfg.defense} target",
-                                 pool_positions=data.member_mask.nonzero()[0])
+                                 pool_positions=data.member_mask.nonzero()[0], run_jobs=executor.run)
         timings["train"] = time.perf_counter() - t0
         record["history"] = fctx.history
+        clash = sorted(k for k in fctx.metrics if any(k.startswith(ns + ".") for ns in namespaces.values()))
+        if clash:
+            raise UsageError(f"defense {cfg.defense!r} wrote metric {clash[0]!r}, inside evaluator namespace "
+                             f"{next(ns for ns in namespaces.values() if clash[0].startswith(ns + '.'))!r}.")
         record["metrics"].update(fctx.metrics)
         record["notes"]["defense"] = fctx.notes
         record["warnings"].extend(fctx.warnings)
-        ds = data.dataset
-        save_model(model, run_dir / MODEL, {
-            "model": cfg.model, "model_params": P.to_dict(cfg.model_params), "shape": list(ds.shape),
-            "num_classes": ds.num_classes, "mean": list(ds.mean), "std": list(ds.std),
-            "opacus_fixed": bool(fctx.notes.get("opacus_fixed_modules")), "run_id": run_id,
-            "config_hash": record["config_hash"]})
+        save_model(model, run_dir / MODEL, {**model_meta(cfg, data, fctx), "run_id": run_id,
+                                            "config_hash": record["config_hash"]})
 
         ectx = EvalContext(model=model, config=cfg, data=data, threat=threat_of(cfg), device=torch.device(cfg.device),
-                           run_dir=run_dir, cache_dir=out / CACHE_DIR, seed=cfg.seed, progress=progress)
+                           run_dir=run_dir, cache_dir=out / CACHE_DIR, seed=cfg.seed, progress=progress,
+                           run_jobs=executor.run)
         for name in cfg.evaluators:
             t0 = time.perf_counter()
             ev = get("evaluator", name)(cfg.evaluator_params[name])
             if progress:
                 log(f"  evaluating {name} ...")
             res = ev.evaluate(ectx)
+            check_namespace(name, res.metrics, namespaces, record["metrics"])
             record["metrics"].update(res.metrics)
             record["warnings"].extend(res.warnings)
             record["notes"].update(res.notes)
             timings[f"eval.{name}"] = time.perf_counter() - t0
             for k, v in res.timings.items():
                 timings[f"eval.{name}.{k}"] = v
-        from .report import save_examples  # example images for the report (never fails the run)
-        record["warnings"].extend(save_examples(ectx.shared, run_dir / "examples.safetensors"))
+        # example images of the defense (e.g. cf-at's counterfactuals) and of the evaluators:
+        # one channel, one file (never fails the run)
+        saved, problems = save_examples({**fctx.examples, **ectx.examples}, run_dir / EXAMPLES)
+        record["examples"] = saved
+        record["warnings"].extend(problems)
         record["status"] = "ok"
     except KeyboardInterrupt:
         # no record: the checkpoints stay, and the next identical run resumes from them

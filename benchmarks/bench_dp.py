@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from cfbench.attacks.base import ThreatModel
 from cfbench.config import TrainParams
-from cfbench.defense import FitContext
+from cfbench.defenses import FitContext
 from cfbench.models import build_model
 from cfbench.params import build
 from cfbench.registry import get

@@ -25,7 +25,7 @@ from cfbench.attacks.base import ThreatModel
 from cfbench.config import TrainParams
 from cfbench.data.specs import Digits
 from cfbench.data.splits import make_split
-from cfbench.defense import FitContext
+from cfbench.defenses import FitContext
 from cfbench.models import build_model
 from cfbench.training import lr_at
 from cfbench_baselines.pgd_at import PGDAT, PGDATParams

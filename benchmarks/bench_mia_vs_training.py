@@ -45,7 +45,7 @@ K, N, A, Z, C = 64, 100_000, 2, 10_000, 10
 RECIPES = {
     "digits": dict(dataset="digits", defense="pgd-at", sets={}),
     "fashion-mnist": dict(dataset="fashion-mnist", defense="pgd-at",
-                          sets={"data.pool_size": 4000, "epochs": 10, "steps": 8, "step_size": 0.02}),
+                          sets={"data.pool_size": 4000, "epochs": 10, "defense.steps": 8, "defense.step_size": 0.02}),
 }
 
 
@@ -105,7 +105,7 @@ def time_scoring(labels, member, target, refs, in_mask) -> tuple[float, float]:
 def time_one_reference(recipe: str = "digits") -> tuple[tuple[float, float], dict]:
     from cfbench.config import make_config
     from cfbench.mia.reference import train_reference
-    from cfbench.runner import load_data
+    from cfbench.training.recipe import load_data
 
     r = RECIPES[recipe]
     cfg = make_config(dataset=r["dataset"], defense=r["defense"], evaluators=["mia"], sets=r["sets"])

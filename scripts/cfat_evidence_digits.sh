@@ -9,7 +9,7 @@ OUT=runs-cfat
 COMMON=(--dataset digits --threads 1 --quiet --out "$OUT" --evaluators clean,autoattack,mia
         --set epochs=15 --set mia.reference_models=4 --set mia.fprs=0.05,0.02,0.01
         --set autoattack.n_examples=200)
-CF=(--set steps=50 --set c_steps=2)
+CF=(--set defense.steps=50 --set c_steps=2)
 run() { echo "$(date -u +%T) start $*"; .venv/bin/cfbench run "$@" "${COMMON[@]}"; local rc=$?; echo "$(date -u +%T) exit $rc $*"; }
 run --defense cf-at --set p=0.95 "${CF[@]}"
 run --defense cf-at --set p=1.0 "${CF[@]}"

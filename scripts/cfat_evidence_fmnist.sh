@@ -10,6 +10,6 @@ COMMON=(--dataset fashion-mnist --threads 1 --quiet --out "$OUT" --evaluators cl
         --set data.pool_size=2000 --set epochs=10 --set mia.reference_models=0 --set mia.fprs=0.05,0.02,0.01
         --set autoattack.n_examples=200)
 run() { echo "$(date -u +%T) start $*"; .venv/bin/cfbench run "$@" "${COMMON[@]}"; local rc=$?; echo "$(date -u +%T) exit $rc $*"; }
-run --defense cf-at --set p=0.95 --set steps=50 --set c_steps=2
+run --defense cf-at --set p=0.95 --set defense.steps=50 --set c_steps=2
 run --defense erm
 echo "$(date -u +%T) all done"

@@ -15,9 +15,9 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 OUT=${OUT:-runs-fmnist-evidence}
 JOBS=${JOBS:-2}
 COMMON=(--dataset fashion-mnist --threads 1 --quiet --out "$OUT" --evaluators clean,autoattack,mia
-        --set data.pool_size=2000 --set epochs=15 --set batch_size=64 --set mia.reference_models=4
+        --set data.pool_size=2000 --set epochs=15 --set train.batch_size=64 --set mia.reference_models=4
         --set mia.fprs=0.05,0.02,0.01,0.001 --set autoattack.n_examples=200)
-CF=(--set steps=50 --set c_steps=2)   # cf-at's search: 50 FISTA iterations x 2 rounds of c (default 1000 x 2)
+CF=(--set defense.steps=50 --set c_steps=2)   # cf-at's search: 50 FISTA iterations x 2 rounds of c (default 1000 x 2)
 
 one() { echo "$(date -u +%T) start $*"; .venv/bin/cfbench run "$@" "${COMMON[@]}"; echo "$(date -u +%T) exit $? $*"; }
 group() {

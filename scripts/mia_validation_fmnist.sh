@@ -5,5 +5,5 @@ COMMON="--dataset fashion-mnist --evaluators clean,pgd,mia --set data.pool_size=
 date
 OMP_NUM_THREADS=1 /usr/bin/time -v .venv/bin/cfbench run --defense erm $COMMON
 date
-OMP_NUM_THREADS=1 /usr/bin/time -v .venv/bin/cfbench run --defense pgd-at --set steps=8 --set step_size=0.02 $COMMON
+OMP_NUM_THREADS=1 /usr/bin/time -v .venv/bin/cfbench run --defense pgd-at --set defense.steps=8 --set defense.step_size=0.02 $COMMON
 date

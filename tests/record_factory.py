@@ -1,4 +1,4 @@
-"""Synthetic result records that follow cfbench's record schema (benchmark/results.py,
+"""Synthetic result records that follow cfbench's record schema (benchmark/store/record.py,
 benchmark/runner.py), including membership-inference metrics in the form the ``mia``
 evaluator writes (``mia.<attack>.*``, ``mia.best.*``, ``notes['mia']``).
 
@@ -156,17 +156,15 @@ def write_record(root: Path, rec: dict[str, Any], name: str | None = None) -> Pa
 
 
 def write_examples(run_dir: Path, n: int = 8, shape=(1, 8, 8), eps: float = 0.1, counterfactual: bool = False) -> None:
-    """examples.safetensors through the harness's own save_examples, from a fake ctx.shared."""
+    """examples.safetensors through the harness's own save_examples (cfbench.store.examples)."""
     import torch
-
-    from cfbench.report import save_examples
+    from cfbench.store.examples import save_examples
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand((n,) + tuple(shape), generator=g)
     adv = (x + eps * torch.sign(torch.randn(x.shape, generator=g))).clamp(0, 1)
     y = torch.arange(n) % 10
-    shared: dict[str, Any] = {"pgd_examples": (x, adv, y), "autoattack_examples": (x, adv.flip(0), y),
-                              "not_examples_here": 3}
+    examples: dict[str, Any] = {"pgd": (x, adv, y), "autoattack": (x, adv.flip(0), y)}
     if counterfactual:
-        shared["counterfactual_examples"] = {"clean": x, "adv": (1 - x), "y": y}
-    assert save_examples(shared, run_dir / "examples.safetensors") == []
+        examples["counterfactual"] = {"clean": x, "adv": (1 - x), "y": y}
+    assert save_examples(examples, run_dir / "examples.safetensors")[1] == []

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from cfbench.attacks.base import ThreatModel
 from cfbench.attacks.pgd import PGDAttack, PGDParams, pgd, project
-from cfbench.config import TrainParams
-from cfbench.defense import FitContext
 from cfbench.models import build_model
 from cfbench.registry import get
+from cfbench.testing.tiny import direct_fit_context
 
 
 def _model(ds, width=16, seed=0):
@@ -24,8 +22,7 @@ def _fit(defense, params, d, epochs=6, eps=0.1, seed=0):
     cls = get("defense", defense)
     from cfbench.params import build
     p = build(cls.Params, params)
-    ctx = FitContext(threat=ThreatModel("Linf", eps), train=TrainParams(epochs=epochs, batch_size=64, lr=0.05),
-                     device=torch.device("cpu"), seed=seed, num_classes=10, augmentation="shift", progress=False)
+    ctx = direct_fit_context(eps=eps, epochs=epochs, batch_size=64, seed=seed)
     cls(p).fit(model, d.x_train, d.y_train, ctx)
     return model
 
@@ -102,12 +99,11 @@ def test_trades_with_beta_zero_is_exactly_erm(digits_split):
 
 
 def test_trades_inner_maximisation_increases_the_kl(erm_model, digits_split):
-    from cfbench.defense import Batch
+    from cfbench.defenses import Batch
     from cfbench_baselines.trades import TRADES, TRADESParams, kl_sum
 
     x, y = digits_split.x_test[:64], digits_split.y_test[:64]
-    ctx = FitContext(threat=ThreatModel("Linf", 0.1), train=None, device=torch.device("cpu"), seed=0,
-                     num_classes=10, augmentation="none", progress=False)
+    ctx = direct_fit_context(augmentation="none")
     x_adv = TRADES(TRADESParams(steps=10)).adversarial(erm_model, x, y, Batch(0, 0, torch.arange(64), ctx))
     with torch.no_grad():
         p = F.softmax(erm_model(x), 1)

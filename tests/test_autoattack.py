@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cfbench.attacks.base import ThreatModel
-from cfbench.config import TrainParams, make_config
-from cfbench.defense import FitContext
+from cfbench.config import make_config
 from cfbench.evaluators.base import EvalContext
 from cfbench.evaluators.robust import STATE_FILE, AutoAttackParams, AutoAttackRobustness
 from cfbench.models import build_model
+from cfbench.testing.tiny import direct_fit_context
 from cfbench_baselines.pgd_at import PGDAT, PGDATParams
 
 EPS, N = 0.1, 40
@@ -26,8 +25,7 @@ def robust_model(digits_split):
     d = digits_split
     torch.manual_seed(0)
     model = build_model("cnn8", (1, 8, 8), 10, d.dataset.mean, d.dataset.std, {})
-    ctx = FitContext(threat=ThreatModel("Linf", EPS), train=TrainParams(epochs=4, batch_size=64, lr=0.05),
-                     device=torch.device("cpu"), seed=0, num_classes=10, augmentation="shift", progress=False)
+    ctx = direct_fit_context(eps=EPS, epochs=4)
     PGDAT(PGDATParams(steps=3)).fit(model, d.x_train, d.y_train, ctx)
     return model.eval()
 
@@ -65,7 +63,7 @@ def test_same_flags_as_one_direct_pyautoattack_call(robust_model, digits_split, 
     assert seq == sorted(seq, reverse=True) and seq[-1] == pytest.approx(acc["value"])
     assert 0 < acc["value"] < bd["clean"]  # the test is only meaningful if both stages did something
     # the stored examples are real adversarial examples inside the threat model
-    xs, xa, ys = ctx.shared["autoattack_examples"]
+    xs, xa, ys = ctx.examples["autoattack"]
     assert (xa - xs).abs().max() <= EPS + 1e-6 and xa.min() >= 0 and xa.max() <= 1
     assert not (ctx.run_dir / STATE_FILE).exists()  # removed once the evaluation is complete
 

@@ -7,15 +7,19 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from cfbench import params as P
 from cfbench.attacks.base import ThreatModel
-from cfbench.attacks.proto_cf import ProtoCF, ProtoCFParams, load_tensors, nearest_other_class
-from cfbench.config import TrainParams, make_config
-from cfbench.defense import FitContext
+from cfbench.attacks.proto_cf import (
+    ProtoCF,
+    ProtoCFParams,
+    load_tensors,
+    nearest_other_class,
+)
+from cfbench.config import make_config
 from cfbench.errors import UsageError
 from cfbench.models import build_model
-from cfbench_baselines.cf_at import EXAMPLES_FILE, CFAT, CFATParams
+from cfbench.testing.tiny import direct_fit_context
+from cfbench_baselines.cf_at import CFAT, EXAMPLES_PREFIX, CFATParams
 from cfbench_baselines.erm import ERM
 
 N = 160
@@ -48,10 +52,8 @@ def _model(ds, seed=0):
 
 
 def _ctx(tmp_path=None, *, epochs=2, seed=0, run_dir=None):
-    return FitContext(threat=ThreatModel("Linf", 0.1), train=TrainParams(epochs=epochs, batch_size=32, lr=0.05),
-                      device=torch.device("cpu"), seed=seed, num_classes=10, augmentation="shift",
-                      checkpoint_dir=(run_dir / "checkpoints") if run_dir else None, run_dir=run_dir,
-                      cache_dir=tmp_path, progress=False)
+    return direct_fit_context(epochs=epochs, batch_size=32, seed=seed, run_dir=run_dir, cache_dir=tmp_path,
+                              checkpoint_dir=(run_dir / "checkpoints") if run_dir else None)
 
 
 def _state(m):
@@ -192,9 +194,9 @@ def test_fit_replaces_a_fraction_caches_and_reuses(data, tmp_path, monkeypatch):
     assert gen_set["x_cf"].min() >= 0 and gen_set["x_cf"].max() <= 1
     assert (y[gen_set["neighbour"]] != y).all()
 
-    # examples for the report, in the run directory
-    ex, _ = load_tensors(run / EXAMPLES_FILE)
-    assert ex["clean"].shape == ex["neighbour"].shape == ex["counterfactual"].shape == (16, *ds.shape)
+    # examples for the report, through the run's one example channel
+    ex = ctx.examples[EXAMPLES_PREFIX]
+    assert ex["clean"].shape == ex["neighbour"].shape == ex["adv"].shape == (16, *ds.shape)
     assert torch.equal(ex["clean"], x[ex["index"]]) and torch.equal(ex["y"], y[ex["index"]])
 
     # second fit: nothing is regenerated (the generator would raise), the result is identical
@@ -242,4 +244,8 @@ def test_end_to_end_run_on_digits(tmp_path):
     assert rec["status"] == "ok"
     assert rec["metrics"]["cf.flip_rate"]["value"] > 0.8
     assert rec["metrics"]["clean.accuracy"]["value"] > 0.5
-    assert (out.run_dir / EXAMPLES_FILE).exists()
+    assert EXAMPLES_PREFIX in rec["examples"]  # in examples.safetensors with the evaluators' examples
+    from cfbench.store.examples import load_examples
+
+    ex = load_examples(out.run_dir)[EXAMPLES_PREFIX]
+    assert ex["clean"].shape == ex["adv"].shape == ex["neighbour"].shape

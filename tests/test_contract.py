@@ -12,8 +12,7 @@ from typing import Literal
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cfbench.defense import Defense
+from cfbench.defenses import Defense
 from cfbench.params import param
 from cfbench.registry import get, registry
 from cfbench.testing import ContractError, check_defense, quick_settings, set_string

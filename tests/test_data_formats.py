@@ -12,10 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cfbench.data import formats
-from cfbench.data.formats import (make_miniature_cifar, make_miniature_mnist, read_idx, write_cifar_batch,
-                                  write_idx)
+from cfbench.data.formats import (
+    make_miniature_cifar,
+    make_miniature_mnist,
+    read_idx,
+    write_cifar_batch,
+    write_idx,
+)
 from cfbench.data.specs import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from cfbench.errors import DatasetError
 

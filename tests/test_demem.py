@@ -16,18 +16,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cfbench import runner
-from cfbench.attacks.base import ThreatModel
-from cfbench.config import TrainParams, make_config
+from cfbench.execution import reference as XR
+from cfbench.execution.local import run_jobs
+from cfbench.training.recipe import fit_recipe
+from cfbench.config import make_config
 from cfbench.data.specs import Digits
 from cfbench.data.splits import make_split
-from cfbench.defense import Batch, FitContext
+from cfbench.defenses import Batch
 from cfbench.errors import UsageError
 from cfbench.mia import reference as R
 from cfbench.models import build_model
 from cfbench.params import build
 from cfbench.registry import get
+from cfbench.testing.tiny import direct_fit_context
 from cfbench_baselines.demem import DeMem
 
 
@@ -45,9 +46,7 @@ def _defense(name, **settings):
 
 
 def _ctx(epochs, seed=0, ckpt=None, lr=0.05, batch_size=64):
-    return FitContext(threat=ThreatModel("Linf", 0.1), train=TrainParams(epochs=epochs, batch_size=batch_size, lr=lr),
-                      device=torch.device("cpu"), seed=seed, num_classes=10, augmentation="shift",
-                      checkpoint_dir=ckpt, progress=False)
+    return direct_fit_context(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=ckpt)
 
 
 def _fit(defense, x, y, epochs, width=8, ckpt=None, **kw):
@@ -205,7 +204,7 @@ def _oracle_fit(tmp_path, epochs, width, planted=0, beta=2.0):
         flip = data.pool_idx[members[:planted]]
         ds.y_train = ds.y_train.copy()
         ds.y_train[flip] = (ds.y_train[flip] + 3) % 10
-    recipe = {"steps": 2, "epochs": epochs, "batch_size": 32, "lr": 0.1, "width": width, "mia.reference_models": 2}
+    recipe = {"defense.steps": 2, "epochs": epochs, "train.batch_size": 32, "lr": 0.1, "width": width, "mia.reference_models": 2}
     cfg = make_config(dataset="digits", defense="demem", evaluators=["mia"],
                       sets={"risk": "oracle", "oracle_models": 2, "fraction": 0.05, "beta": beta, **recipe})
     base_cfg = make_config(dataset="digits", defense="pgd-at", evaluators=["mia"], sets=recipe)
@@ -217,8 +216,8 @@ def _oracle_fit(tmp_path, epochs, width, planted=0, beta=2.0):
         real_fit(self, model, x, y, ctx)
     DeMem.fit = spy
     try:
-        _, ctx = runner.fit_recipe(cfg, data, data.x_train, data.y_train, seed=0, checkpoint_dir=None,
-                                   cache_dir=tmp_path, progress=False, pool_positions=members)
+        _, ctx = fit_recipe(cfg, data, data.x_train, data.y_train, seed=0, checkpoint_dir=None,
+                            cache_dir=tmp_path, progress=False, pool_positions=members, run_jobs=run_jobs)
     finally:
         DeMem.fit = real_fit
     return seen["dm"], ctx, data, members, base_cfg
@@ -228,11 +227,11 @@ def test_oracle_out_loss_is_the_mean_loss_of_the_reference_models_without_the_ex
     dm, ctx, data, members, base_cfg = _oracle_fit(tmp_path, epochs=1, width=8)
     info = ctx.notes["demem"]["oracle"]
     assert info["trained_now"] == 2 and info["models"] == 2
-    assert info["recipe_hash"] == R.reference_recipe_hash(base_cfg, data, 0)   # shared with a pgd-at run's MIA
+    assert info["recipe_hash"] == XR.reference_recipe_hash(base_cfg, data, 0)   # shared with a pgd-at run's MIA
     in_mask = R.reference_in_mask(400, 200, 2, 0)
     losses = []
     for i in range(2):
-        ref = R.load_reference(base_cfg, data, R.reference_path(tmp_path, info["recipe_hash"], i))
+        ref = XR.load_reference(base_cfg, data, XR.reference_path(tmp_path, info["recipe_hash"], i))
         with torch.no_grad():
             losses.append(F.cross_entropy(ref(data.x_pool), data.y_pool, reduction="none"))
     expected = torch.stack([torch.stack([losses[i][p] for i in range(2) if not in_mask[i, p]]).mean()

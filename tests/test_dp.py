@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from cfbench import dp
-from cfbench.attacks.base import ThreatModel
 from cfbench.attacks.pgd import pgd
-from cfbench.config import TrainParams, make_config
-from cfbench.defense import Batch, FitContext
+from cfbench.config import make_config
+from cfbench.defenses import Batch
 from cfbench.errors import UsageError
 from cfbench.models import build_model
 from cfbench.params import build
 from cfbench.registry import get
-
+from cfbench.testing.tiny import direct_fit_context
+from torch import nn
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -36,10 +34,8 @@ def _one_thread():
 
 
 def _ctx(epochs=1, batch_size=64, lr=0.05, weight_decay=5e-4, seed=0, checkpoint_dir=None, eps=0.1):
-    return FitContext(threat=ThreatModel("Linf", eps),
-                      train=TrainParams(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay),
-                      device=torch.device("cpu"), seed=seed, num_classes=10, augmentation="shift", progress=False,
-                      checkpoint_dir=checkpoint_dir)
+    return direct_fit_context(eps=eps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                              seed=seed, checkpoint_dir=checkpoint_dir)
 
 
 def _cnn8(width=16, seed=0):
@@ -78,7 +74,11 @@ def test_registered_through_entry_points_and_share_code():
     from cfbench_baselines.pgd_at import PGDAT
 
     assert get("defense", "dp-sgd") is DPSGD and get("defense", "dp-at") is DPAT
-    assert issubclass(DPAT, DPSGD) and issubclass(DPAT, PGDAT)
+    # dp-at is DP-SGD's loop around a composed pgd-at (one composition mechanism, no inheritance
+    # between registered defenses), with pgd-at's attack settings
+    assert issubclass(DPAT, DPSGD) and not issubclass(DPAT, PGDAT)
+    dpat = DPAT(DPAT.Params(noise_multiplier=1.0, steps=3))
+    assert isinstance(dpat.base, PGDAT) and dpat.base.params.steps == 3
     assert DPSGD.family == DPAT.family == "dp"
 
 
@@ -174,9 +174,8 @@ def test_stronger_noise_lowers_the_membership_auc_towards_one_half(digits):
     class): on the raw split a broken, noisy model's class bias alone separates the two
     groups (their class histograms differ), which is not what this test is about.
     """
-    from sklearn.metrics import roc_auc_score
-
     from cfbench.data.splits import make_split
+    from sklearn.metrics import roc_auc_score
 
     d = make_split(digits, 300, 0.5, 0)
     xm, ym = d.x_train, d.y_train
@@ -229,9 +228,8 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(digits_split):
         assert ctx.metrics["dp.steps"] == 16          # every draw, empty or not, was a noised step
 
     # the update of an empty step is the Gaussian noise alone: std sigma * C / (q N)
-    from opacus.optimizers import DPOptimizer
-
     from cfbench_baselines.dp_sgd import DPSGD
+    from opacus.optimizers import DPOptimizer
 
     model = _cnn8(width=32)
     private = dp.wrap(model, "hooks")
@@ -256,9 +254,8 @@ PER_SAMPLE_MODES = [m for m in dp.GRAD_SAMPLE_MODES if m != "ghost"]     # ghost
 @pytest.mark.parametrize("mode", PER_SAMPLE_MODES)
 @pytest.mark.parametrize("mix", [0.0, 0.5])
 def test_dp_at_per_sample_gradients_are_those_of_the_adversarial_loss(digits_split, mode, mix):
-    from opacus.optimizers import DPOptimizer
-
     from cfbench_baselines.dp_at import DPAT
+    from opacus.optimizers import DPOptimizer
 
     x, y = digits_split.x_train[:12], digits_split.y_train[:12]
     model = _cnn8(width=8)
@@ -471,7 +468,7 @@ def test_a_layer_opacus_cannot_handle_is_an_error_naming_it(digits_split):
 
 
 def test_model_is_fixed_in_place_and_the_saved_model_loads_back(tmp_path):
-    from cfbench.results import load_model, save_model
+    from cfbench.store.models import load_model, save_model
 
     torch.manual_seed(0)
     model = build_model("preact-resnet18", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, {"width": 4})
@@ -525,8 +522,8 @@ def test_resumed_run_reports_the_same_epsilon_and_weights(tmp_path, digits_split
 def test_runner_records_dp_metrics_and_infinite_epsilon(tmp_path):
     import json
 
-    from cfbench.results import load_model
     from cfbench.runner import execute
+    from cfbench.store.models import load_model
 
     cfg = make_config(dataset="digits", defense="dp-sgd", evaluators=("clean",),
                       sets={"noise_multiplier": "0", "epochs": "1", "pool_size": "200", "width": "8"})

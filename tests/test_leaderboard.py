@@ -6,26 +6,23 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from record_factory import make_record, write_record
-
 from cfbench.cli import main
-from cfbench.leaderboard import (
+from cfbench.present.leaderboard import (
     Leaderboard,
     aggregate,
     build,
-    display_rows,
     pareto_ranks,
     protocol_id,
     protocol_of,
     strongest,
-    to_json_obj,
-    to_markdown,
-    write,
 )
+from cfbench.present.writers import display_rows, to_json_obj, to_markdown, write
+from record_factory import make_record, write_record
 
 # ------------------------------------------------------------------------------ Pareto
 
@@ -356,3 +353,37 @@ def test_std_across_seeds_is_sample_std(tmp_path, n):
     [lb] = build(runs)
     assert lb.rows["clean_std"].iloc[0] == pytest.approx(np.std(vals, ddof=1))
     assert list(itertools.chain(lb.rows["seed_list"])) == [" ".join(map(str, range(n)))]
+
+
+def test_bad_record_files_are_listed_not_fatal(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_record(runs, make_record(defense="erm", seed=0))
+    write_record(runs, make_record(defense="pgd-at", family="adversarial", seed=0, robust=0.7))
+    good = json.dumps(make_record(defense="erm", seed=9))
+    bad = {"truncated": good[: len(good) // 2], "empty-list": "[]", "null": "null",
+           "config-list": json.dumps(dict(make_record(defense="erm", seed=3), config=["not", "a", "dict"]))}
+    for name, text in bad.items():
+        (runs / name).mkdir()
+        (runs / name / "record.json").write_text(text, encoding="utf-8")
+    # the store's shared cache holds no runs: never tabulated, never reported
+    write_record(runs / "_cache", make_record(defense="cached", seed=0), "ref-model")
+
+    [lb] = build(runs)
+    assert sorted(lb.rows["defense"]) == ["erm", "pgd-at"] and len(lb.records) == 2
+    listed = {Path(e["path"]).parent.name: e for e in lb.excluded}
+    assert set(listed) == set(bad)
+    assert all(e["status"] == "unusable" and e["reason"] and e["run_id"] is None for e in lb.excluded)
+    assert "JSONDecodeError" in listed["truncated"]["reason"]
+    assert "list" in listed["empty-list"]["reason"] and "config" in listed["config-list"]["reason"]
+    assert "not an object" in listed["null"]["reason"]
+    md = to_markdown(lb)
+    assert "Record files left out (unreadable or not a valid record; listed below): 4." in md
+    for name in bad:
+        assert str(runs / name / "record.json") in md
+    assert to_json_obj(lb)["excluded"] == lb.excluded
+
+    # the command lists them too, and never fails on them
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb"), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "4 record files" in out.err and str(runs / "null" / "record.json") in out.err
+    assert "4 unusable record files left out" in out.out

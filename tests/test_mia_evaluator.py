@@ -23,22 +23,29 @@ import os
 import numpy as np
 import pytest
 import torch
-from scipy import stats
-from sklearn.metrics import roc_auc_score, roc_curve
-
-from cfbench import runner
+from cfbench.execution import jobs as jobs_mod
+from cfbench.execution import reference as XR
+from cfbench.execution.jobs import run_job
+from cfbench.testing.tiny import eval_context
+from cfbench.training.recipe import fit_recipe
 from cfbench.config import make_config
 from cfbench.data.specs import Digits
 from cfbench.data.splits import make_split
 from cfbench.errors import UsageError
-from cfbench.evaluators.base import EvalContext
-from cfbench.evaluators.mia import (MembershipInference, attack_scores, model_features, stack_features,
-                                    summarize_attacks)
+from cfbench.evaluators.mia import (
+    MembershipInference,
+    attack_scores,
+    model_features,
+    stack_features,
+    summarize_attacks,
+)
 from cfbench.mia import reference as R
+from scipy import stats
+from sklearn.metrics import roc_auc_score, roc_curve
 
 POOL = 160          # 80 members, 80 non-members
 K = 4
-SETS = {"epochs": 30, "batch_size": 16, "data.pool_size": POOL, "mia.reference_models": K,
+SETS = {"epochs": 30, "train.batch_size": 16, "data.pool_size": POOL, "mia.reference_models": K,
         "mia.fprs": "0.2,0.01"}
 THRESHOLD = ["loss", "confidence", "entropy", "modified_entropy"]
 ALL_ATTACKS = (THRESHOLD + [f"{a}_class" for a in THRESHOLD]
@@ -55,9 +62,7 @@ def _random_label_data(seed: int = 0):
 
 
 def _evaluate(cfg, data, model, tmp, run_name="run", seed=0):
-    ctx = EvalContext(model=model, config=cfg, data=data, threat=runner.threat_of(cfg),
-                      device=torch.device("cpu"), run_dir=tmp / run_name, cache_dir=tmp / "_cache",
-                      seed=seed, progress=False)
+    ctx = eval_context(cfg, model, tmp / run_name, data, cache_dir=tmp / "_cache", seed=seed)
     return MembershipInference(cfg.evaluator_params["mia"]).evaluate(ctx)
 
 
@@ -79,11 +84,11 @@ def leak(tmp_path_factory):
     torch.manual_seed(0)
     cfg = make_config(dataset="digits", defense="erm", evaluators=["mia"], sets=SETS)
     data = _random_label_data()
-    model, fctx = runner.fit_recipe(cfg, data, data.x_train, data.y_train, seed=0, checkpoint_dir=None,
+    model, fctx = fit_recipe(cfg, data, data.x_train, data.y_train, seed=0, checkpoint_dir=None,
                                     cache_dir=None, progress=False)
-    counter = _CountingFit(runner.fit_recipe)
+    counter = _CountingFit(fit_recipe)
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "fit_recipe", counter)
+    mp.setattr(jobs_mod, "fit_recipe", counter)
     try:
         res = _evaluate(cfg, data, model, tmp)
     finally:
@@ -131,7 +136,7 @@ def test_reference_models_use_the_run_recipe(leak):
     # cache layout: <cache>/refmodels/<recipe hash>/<i>.safetensors, no leftover checkpoints
     d = leak["tmp"] / "_cache" / "refmodels" / proto["reference_recipe_hash"]
     assert sorted(p.name for p in d.iterdir()) == [f"{i}.safetensors" for i in range(K)]
-    meta = R.read_reference_meta(d / "0.safetensors")
+    meta = XR.read_reference_meta(d / "0.safetensors")
     assert meta["index"] == 0 and meta["n_train"] == POOL // 2 and meta["recipe_hash"] == d.name
 
 
@@ -174,7 +179,7 @@ def test_null_case_auc_interval_contains_half(leak, tmp_path):
     outside = np.setdiff1d(np.arange(len(data.dataset.x_train)), data.pool_idx)[:POOL // 2]
     x = torch.from_numpy(data.dataset.x_train[outside])
     y = torch.from_numpy(data.dataset.y_train[outside])
-    model, _ = runner.fit_recipe(cfg, data, x, y, seed=0, checkpoint_dir=None, cache_dir=None, progress=False)
+    model, _ = fit_recipe(cfg, data, x, y, seed=0, checkpoint_dir=None, cache_dir=None, progress=False)
     res = _evaluate(cfg, data, model, leak["tmp"], run_name="null")
     assert res.notes["mia"]["protocol"]["reference_models_trained_now"] == []      # cache reused
     for a in ALL_ATTACKS:
@@ -191,7 +196,7 @@ def test_second_run_of_the_same_recipe_trains_nothing(leak, monkeypatch):
     def no_training(*a, **kw):
         raise AssertionError("fit_recipe called: a cached reference model was retrained")
 
-    monkeypatch.setattr(runner, "fit_recipe", no_training)
+    monkeypatch.setattr(jobs_mod, "fit_recipe", no_training)
     res = _evaluate(cfg, data, leak["model"], tmp, run_name="again")
     proto = res.notes["mia"]["protocol"]
     assert proto["reference_models_trained_now"] == [] and proto["reference_models_reused"] == list(range(K))
@@ -202,18 +207,18 @@ def test_second_run_of_the_same_recipe_trains_nothing(leak, monkeypatch):
         assert res.metrics[f"mia.{a}.auc"] == leak["res"].metrics[f"mia.{a}.auc"]
     # another run of the same recipe with a different target seed reuses the same references
     cfg2 = make_config(dataset="digits", defense="erm", evaluators=["mia"], sets=SETS, seed=1)
-    assert R.reference_recipe_hash(cfg2, data) == proto["reference_recipe_hash"]
+    assert XR.reference_recipe_hash(cfg2, data) == proto["reference_recipe_hash"]
     # ... while a change of recipe does not
     cfg3 = make_config(dataset="digits", defense="erm", evaluators=["mia"], sets={**SETS, "epochs": 29})
-    assert R.reference_recipe_hash(cfg3, data) != proto["reference_recipe_hash"]
+    assert XR.reference_recipe_hash(cfg3, data) != proto["reference_recipe_hash"]
 
 
 def test_train_reference_is_a_pure_cached_function(leak, monkeypatch):
     cfg, data, tmp = leak["cfg"], leak["data"], leak["tmp"]
-    monkeypatch.setattr(runner, "fit_recipe", lambda *a, **k: pytest.fail("retrained"))
-    p = R.train_reference(cfg, data, 1, tmp / "_cache")
-    assert p.name == "1.safetensors" and p.parent.name == R.reference_recipe_hash(cfg, data)
-    m = R.load_reference(cfg, data, p)
+    monkeypatch.setattr(jobs_mod, "fit_recipe", lambda *a, **k: pytest.fail("retrained"))
+    p = run_job(XR.reference_job(cfg, data, 1, tmp / "_cache"))
+    assert p.name == "1.safetensors" and p.parent.name == XR.reference_recipe_hash(cfg, data)
+    m = XR.load_reference(cfg, data, p)
     assert not m.training
 
 
@@ -353,7 +358,7 @@ def test_summarize_attacks_drops_nan_and_reports_na():
 @pytest.mark.slow
 def test_cli_runs_record_mia_and_reuse_reference_models(tmp_path):
     from cfbench.cli import main
-    from cfbench.results import read_record
+    from cfbench.store import read_record
 
     args = ["run", "--defense", "erm", "--dataset", "digits", "--out", str(tmp_path), "--quiet",
             "--evaluators", "clean,mia", "--set", "epochs=2", "--set", "data.pool_size=300",

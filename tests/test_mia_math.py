@@ -12,13 +12,12 @@ import math
 
 import numpy as np
 import pytest
+from cfbench.mia import metrics as M
+from cfbench.mia import scores as S
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
-
-from cfbench.mia import metrics as M
-from cfbench.mia import scores as S
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

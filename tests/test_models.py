@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus.validators import ModuleValidator
-
 from cfbench.errors import UsageError
 from cfbench.models import (
-    GAPCNN, ModelBase, PreActResNet18, SmallCNN8, SmallCNN28, WideResNet, build_model,
+    GAPCNN,
+    ModelBase,
+    PreActResNet18,
+    SmallCNN8,
+    SmallCNN28,
+    WideResNet,
+    build_model,
     count_parameters,
 )
+from opacus.validators import ModuleValidator
 
 # (class, in_channels, image_size, small params) -- small widths keep the test fast.
 CASES = [

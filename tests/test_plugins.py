@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from cfbench import PLUGIN_API_VERSION, registry
 from cfbench.cli import main
 from cfbench.errors import PluginError, UsageError
@@ -65,7 +64,7 @@ def fake_dist(root: Path, name: str, version: str, entry_points: dict[str, dict[
 DEFENSE_SRC = '''
 from dataclasses import dataclass
 import torch.nn.functional as F
-from cfbench.defense import Defense
+from cfbench.defenses import Defense
 from cfbench.params import param
 
 
@@ -119,7 +118,7 @@ def test_entry_point_plugin_runs_end_to_end_and_its_record_names_the_distributio
     monkeypatch.syspath_prepend(str(site))
     sys.modules.pop("cfbench_mart", None)
     out = tmp_path / "runs"
-    assert main(["run", "--defense", "mart", "--set", "steps=2", "--out", str(out), *TINY_RUN]) == 0
+    assert main(["run", "--defense", "mart", "--set", "defense.steps=2", "--out", str(out), *TINY_RUN]) == 0
     (rec_path,) = out.glob("digits-mart-*/record.json")
     rec = json.loads(rec_path.read_text())
     d = rec["components"]["defense"]
@@ -179,11 +178,11 @@ def test_entry_point_for_another_plugin_api_is_refused(tmp_path, monkeypatch):
 
 
 def test_entry_point_of_the_wrong_type_or_without_params_is_refused(tmp_path, monkeypatch):
-    src = "from cfbench.defense import Defense\ndef fn():\n    pass\nclass NoParams(Defense):\n    name = 'noparams'\n"
+    src = "from cfbench.defenses import Defense\ndef fn():\n    pass\nclass NoParams(Defense):\n    name = 'noparams'\n"
     fake_dist(tmp_path, "odd", "1", {"cfbench.defenses": {"fn": "odd_mod:fn", "noparams": "odd_mod:NoParams"}},
               {"odd_mod.py": src})
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(PluginError, match="not a subclass of cfbench.defense.Defense"):
+    with pytest.raises(PluginError, match="not a subclass of cfbench.defenses.base.Defense"):
         get("defense", "fn")
     with pytest.raises(PluginError, match="no `Params` dataclass"):
         get("defense", "noparams")
@@ -236,7 +235,7 @@ def test_plugin_file_run_records_the_file_and_its_sha256(tmp_path, capsys):
 
 def test_broken_plugin_file_is_an_error_naming_file_line_and_cause(tmp_path, capsys):
     f = tmp_path / "bad.py"
-    f.write_text("from cfbench.defense import Defense\n\nratio = 1 / 0\n", encoding="utf-8")
+    f.write_text("from cfbench.defenses import Defense\n\nratio = 1 / 0\n", encoding="utf-8")
     assert main(["--plugin", str(f), "list"]) == 2
     err = capsys.readouterr().err
     assert f"plugin file {f.resolve()} failed to import: ZeroDivisionError: division by zero" in err
@@ -273,7 +272,7 @@ def test_plugin_file_registers_only_named_classes_it_defines(tmp_path):
     f = tmp_path / "sub.py"
     f.write_text(textwrap.dedent('''
         from cfbench_baselines.trades import TRADES      # imported: not re-registered
-        from cfbench.defense import Defense
+        from cfbench.defenses import Defense
 
         class Helper(Defense):                            # no name of its own: a helper base
             pass
@@ -303,7 +302,7 @@ def test_plugin_file_must_be_python_and_define_a_component(tmp_path):
     with pytest.raises(UsageError, match="not a .py file"):
         load_plugin_file(f)
     g = tmp_path / "empty.py"
-    g.write_text("from cfbench.defense import Defense\n\nclass Forgot(Defense):\n    pass\n")
+    g.write_text("from cfbench.defenses import Defense\n\nclass Forgot(Defense):\n    pass\n")
     with pytest.raises(PluginError, match="defines no cfbench component"):
         load_plugin_file(g)
 
@@ -333,7 +332,7 @@ def test_example_package_installs_and_runs_end_to_end(tmp_path):
     assert listed.returncode == 0, listed.stderr
     assert "mart" in listed.stdout and "[cfbench-mart 0.1.0]" in listed.stdout
     out = tmp_path / "runs"
-    run = subprocess.run([*_cfbench_cmd(), "run", "--defense", "mart", "--set", "steps=2", "--set", "beta=3",
+    run = subprocess.run([*_cfbench_cmd(), "run", "--defense", "mart", "--set", "defense.steps=2", "--set", "beta=3",
                           "--out", str(out), *TINY_RUN], capture_output=True, text=True, env=env, timeout=600,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr

@@ -11,11 +11,12 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from record_factory import make_record, write_examples, write_record
-
 from cfbench.cli import main
-from cfbench.leaderboard import build, write
-from cfbench.report import leaderboard_report, load_examples, report_after_run, run_report, save_examples
+from cfbench.present.leaderboard import build
+from cfbench.present.report import leaderboard_report, report_after_run, run_report
+from cfbench.present.writers import write
+from cfbench.store.examples import load_examples, save_examples
+from record_factory import make_record, write_examples, write_record
 
 
 class _Collect(HTMLParser):
@@ -146,10 +147,11 @@ def test_save_and_load_examples(tmp_path):
     import torch
 
     x = torch.rand(4, 1, 8, 8)
-    shared = {"pgd_examples": (x, x + 0.1, torch.tensor([1, 2, 3, 4])),
-              "counterfactual_examples": {"clean": x, "counterfactual": 1 - x, "y": torch.zeros(4)},
-              "broken_examples": (x, "not a tensor", None), "other": 1}
-    warnings = save_examples(shared, tmp_path / "examples.safetensors")
+    examples = {"pgd": (x, x + 0.1, torch.tensor([1, 2, 3, 4])),
+                "counterfactual": {"clean": x, "counterfactual": 1 - x, "y": torch.zeros(4)},
+                "broken": (x, "not a tensor", None)}
+    saved, warnings = save_examples(examples, tmp_path / "examples.safetensors")
+    assert saved == ["pgd", "counterfactual", "broken"]
     assert len(warnings) == 2 and all("not a tensor" in w or "NoneType" in w for w in warnings)
     ex = load_examples(tmp_path)
     assert set(ex) == {"pgd", "counterfactual", "broken"}
@@ -157,7 +159,7 @@ def test_save_and_load_examples(tmp_path):
     np.testing.assert_array_equal(ex["pgd"]["y"], [1, 2, 3, 4])
     np.testing.assert_allclose(ex["counterfactual"]["counterfactual"], (1 - x).numpy())
     # nothing to save: no file
-    assert save_examples({"a": 1}, tmp_path / "none.safetensors") == []
+    assert save_examples({}, tmp_path / "none.safetensors") == ([], [])
     assert not (tmp_path / "none.safetensors").exists()
     assert load_examples(tmp_path / "nowhere") == {}
 
@@ -228,7 +230,7 @@ def test_cfbench_run_writes_report_and_examples(tmp_path, capsys):
 
 
 def test_pareto_front_2d_of_the_plots():
-    from cfbench.plots import pareto_front_2d
+    from cfbench.present.plots import pareto_front_2d
 
     xs = [0.9, 0.8, 0.95, 0.7, 0.85, float("nan")]
     ys = [0.5, 0.6, 0.1, 0.7, 0.4, 0.9]

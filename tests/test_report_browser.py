@@ -86,7 +86,7 @@ def check_page(browser, html_path: Path, shot_name: str) -> dict:
 
 
 def test_run_report_in_chromium(browser, tmp_path):
-    from cfbench.report import run_report
+    from cfbench.present.report import run_report
 
     runs = tmp_path / "runs"
     me = write_record(runs, make_record(defense="pgd-at", family="adversarial", clean=0.95, robust=0.7,
@@ -105,8 +105,9 @@ def test_run_report_in_chromium(browser, tmp_path):
 
 
 def test_leaderboard_report_in_chromium(browser, tmp_path):
-    from cfbench.leaderboard import build, write
-    from cfbench.report import leaderboard_report
+    from cfbench.present.leaderboard import build
+    from cfbench.present.report import leaderboard_report
+    from cfbench.present.writers import write
 
     runs = tmp_path / "runs"
     for s in (0, 1):

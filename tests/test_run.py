@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
 from cfbench.cli import main
 from cfbench.config import make_config
-from cfbench.results import load_model, read_record
 from cfbench.runner import execute
+from cfbench.store import read_record
+from cfbench.store.models import load_model
 
 # An undefended model at eps=0.3 leaves AutoAttack nothing to attack after APGD-CE, so the
 # later attacks are skipped and the test stays fast (AutoAttack's cost per surviving example is
@@ -89,7 +86,7 @@ def test_same_config_is_reused_not_recomputed(finished, capsys):
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
-    cfg = make_config(defense="trades", sets={"epochs": 2, "steps": 2, "pgd.n_examples": 50, "pgd.steps": 3},
+    cfg = make_config(defense="trades", sets={"epochs": 2, "defense.steps": 2, "pgd.n_examples": 50, "pgd.steps": 3},
                       evaluators=["clean", "pgd"])
     a = execute(cfg, tmp_path / "a", progress=False).record
     b = execute(cfg, tmp_path / "b", progress=False).record
@@ -116,7 +113,7 @@ def test_nan_training_is_recorded_as_failed_and_not_reused(tmp_path, capsys):
     (("--dataset", "cifar"), "unknown dataset 'cifar'"),
     (("--model", "resnet"), "unknown model 'resnet'"),
     (("--set", "eps=-1"), "threat.eps: -1.0 is out of range; it must be >= 0"),
-    (("--set", "steps=0", "--defense", "pgd-at"), "defense.steps: 0 is out of range"),
+    (("--set", "defense.steps=0", "--defense", "pgd-at"), "defense.steps: 0 is out of range"),
     (("--set", "epochs=1.5"), "train.epochs: expected an integer, got '1.5'"),
     (("--set", "colour=red"), "unknown setting 'colour'"),
     (("--dataset", "mnist", "--data-dir", "/nonexistent-dir"), "/nonexistent-dir"),
@@ -157,7 +154,7 @@ def _cfbench(*args, **kw):
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
     args = ["run", "--defense", "pgd-at", "--quiet", "--threads", "1", "--evaluators", "clean",
-            "--set", "epochs=12", "--set", "steps=5"]
+            "--set", "epochs=12", "--set", "defense.steps=5"]
     proc = _cfbench(*args, "--out", str(tmp_path / "killed"))
     deadline = time.time() + 300
     ckpt = None

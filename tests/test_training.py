@@ -7,19 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cfbench.attacks.base import ThreatModel
 from cfbench.config import TrainParams
-from cfbench.defense import FitContext
 from cfbench.errors import TrainingDiverged
 from cfbench.models import build_model
+from cfbench.testing.tiny import direct_fit_context
 from cfbench.training import CKPT_NAME, augment, lr_at, train
 
 
 def _ctx(tmp_path=None, epochs=3, **kw):
     tp = TrainParams(epochs=epochs, batch_size=64, lr=0.05, **kw)
-    return FitContext(threat=ThreatModel("Linf", 0.1), train=tp, device=torch.device("cpu"), seed=3,
-                      num_classes=10, augmentation="shift", checkpoint_dir=tmp_path, progress=False)
+    return direct_fit_context(train=tp, seed=3, checkpoint_dir=tmp_path)
 
 
 def _model(digits):

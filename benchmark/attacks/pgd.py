@@ -85,10 +85,21 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     return (x + delta).detach()
 
 
+#: the default PGD step, as a fraction of eps per step: 2.5 * eps / steps (Madry et al. 2018)
+DEFAULT_STEP_FACTOR = 2.5
+STEP_SIZE_HELP = "step size (default 2.5 * eps / steps, Madry et al.)"
+
+
+def default_step_size(eps: float, steps: int, step_size: float | None = None) -> float:
+    """``step_size`` if given, else Madry et al.'s ``2.5 * eps / steps``: the one place the
+    default lives (the pgd attack and evaluator, PGD-AT, TRADES, DeMem, DP-AT)."""
+    return float(step_size) if step_size is not None else DEFAULT_STEP_FACTOR * eps / steps
+
+
 @dataclass(frozen=True)
 class PGDParams:
     steps: int = param(20, "PGD iterations", ge=1)
-    step_size: float | None = param(None, "step size; default 2.5 * eps / steps (Madry et al.)", gt=0)
+    step_size: float | None = param(None, STEP_SIZE_HELP, gt=0)
     rand_init: bool = param(True, "random start inside the ball")
     restarts: int = param(1, "random restarts; an example counts as robust only if it survives all", ge=1)
 
@@ -103,7 +114,7 @@ class PGDAttack(Attack):
 
     def perturb(self, model, x, y, threat: ThreatModel):
         p = self.params
-        alpha = p.step_size if p.step_size is not None else 2.5 * threat.eps / p.steps
+        alpha = default_step_size(threat.eps, p.steps, p.step_size)
         best = x.detach().clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(p.restarts):

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +70,8 @@ import torch
 
 from ..errors import UsageError
 from ..params import param
-from ..results import load_tensors, save_tensors_atomic  # noqa: F401 - also imported from here by cf-at
+from ..hashing import canonical_hash
+from ..store.io import load_tensors, save_tensors_atomic
 from .autoencoder import ConvAutoencoder, train_autoencoder
 from .base import Attack, ThreatModel
 
@@ -129,10 +129,6 @@ def data_fingerprint(*tensors: torch.Tensor) -> str:
         h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-def canonical_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 def _flat(z: torch.Tensor) -> torch.Tensor:

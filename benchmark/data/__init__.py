@@ -1,3 +1,3 @@
 """Datasets: specs (registered components), on-disk formats and seeded splits."""
 
-from .specs import ArrayDataset, DatasetSpec  # noqa: F401
+from .base import ArrayDataset, DatasetSpec  # noqa: F401

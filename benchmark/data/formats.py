@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetError
-from .specs import ArrayDataset, DatasetSpec
+from .base import ArrayDataset, DatasetSpec
 
 try:
     from numpy._core.multiarray import _reconstruct

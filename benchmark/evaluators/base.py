@@ -3,31 +3,52 @@
 An evaluator is a class registered under ``cfbench.evaluators``.  It receives the trained
 model and an :class:`EvalContext` and returns flat, dotted metrics, each a number or a
 ``{"value", "ci_low", "ci_high", "n"}`` dict (see :func:`proportion`).
+
+Metrics are namespaced: every key an evaluator returns starts with its :attr:`Evaluator.namespace`
+(default: its registry name; the built-in robustness evaluators use ``robust.pgd`` and
+``robust.autoattack``).  A namespace must be the evaluator's name or end in ``.<name>``, so
+no evaluator can write another's numbers (a plugin cannot overwrite ``clean.accuracy``); the
+runner rejects a key outside the namespace.
+
+An evaluator that needs models trained with the run's recipe (membership reference models)
+*declares* them as :class:`~cfbench.execution.jobs.TrainingJob` values and hands them to
+``ctx.run_jobs``, the run's executor; it never calls the runner.  Example images for the
+report go into ``ctx.examples`` (``{prefix: (x_clean, x_changed, y)}``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..attacks.base import ThreatModel
+from ..mia.metrics import proportion  # noqa: F401 - part of the evaluator API (clean, robust use it)
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..data.splits import RunData
 
 
 @dataclass
 class EvalContext:
     model: torch.nn.Module
-    config: Any                    # cfbench.config.RunConfig
-    data: Any                      # cfbench.data.splits.RunData
+    config: RunConfig
+    data: RunData
     threat: ThreatModel
     device: torch.device
     run_dir: Path
     cache_dir: Path
     seed: int
     progress: bool = True
-    #: artifacts other evaluators / the report may use (e.g. adversarial examples)
+    #: runs declared training jobs, returns their model paths (the run's executor)
+    run_jobs: Callable[[Sequence[Any]], list[Path]] | None = None
+    #: example images for the report: ``{prefix: (x_clean, x_changed, y)}`` (one channel for all)
+    examples: dict[str, Any] = field(default_factory=dict)
+    #: artifacts later evaluators may use (e.g. the path of the membership scores)
     shared: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,22 +67,22 @@ class Evaluator:
     version: ClassVar[int] = 1
     api_version: ClassVar[int] = 1
     Params: ClassVar[type]
+    #: prefix of every metric key (None: the evaluator's name); see the module docstring
+    namespace: ClassVar[str | None] = None
+
+    @classmethod
+    def metric_namespace(cls) -> str:
+        ns = cls.namespace or cls.name
+        if ns != cls.name and not ns.endswith("." + cls.name):
+            raise ValueError(f"evaluator {cls.name!r}: namespace {ns!r} must be {cls.name!r} or end in "
+                             f"'.{cls.name}'")
+        return ns
 
     def __init__(self, params=None):
         self.params = params if params is not None else self.Params()
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         raise NotImplementedError
-
-
-def proportion(k: int, n: int, confidence: float = 0.95) -> dict[str, Any]:
-    """A rate with its exact Clopper-Pearson interval."""
-    from ..mia.metrics import clopper_pearson
-
-    if n == 0:
-        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
-    lo, hi = clopper_pearson(int(k), int(n), confidence)
-    return {"value": k / n, "ci_low": float(lo), "ci_high": float(hi), "n": int(n)}
 
 
 @torch.no_grad()

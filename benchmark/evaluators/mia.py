@@ -12,7 +12,7 @@ that every example is IN for about half of them (:mod:`cfbench.mia.reference`). 
 cached by (recipe hash, index) under ``<out>/_cache/refmodels/`` and shared by every attack
 and by every later run of the same recipe (any target seed).  Each model's logits on the
 pool (under query augmentations), on the RMIA population and -- for the target -- on PGD
-inputs are computed once and cached (:mod:`cfbench.mia.cache`).  Every attack scores the
+inputs are computed once and cached (:mod:`cfbench.mia.signals`).  Every attack scores the
 whole pool; members are the positives.
 
 Query augmentations (``augmentations``): ``auto`` (default) queries the identity plus the
@@ -84,8 +84,6 @@ that every metric can be recomputed without cfbench.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +95,7 @@ from ..errors import UsageError
 from ..mia import metrics as M
 from ..mia import scores as S
 from ..params import param
+from ..store.io import save_npz_atomic
 from .base import EvalContext, EvalResult, Evaluator
 
 SCORES_FILE = "mia_scores.npz"
@@ -328,19 +327,9 @@ def summarize_attacks(scores: dict[str, np.ndarray], member: np.ndarray, fprs, *
 
 def save_scores(path: Path, scores: dict[str, np.ndarray], member: np.ndarray, **arrays: np.ndarray) -> None:
     """Atomically write ``score.<attack>`` arrays, ``member`` and extra arrays to an ``.npz``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, member=np.asarray(member, dtype=bool),
-                                attacks=np.array(list(scores), dtype=str),
-                                **{f"score.{k}": np.asarray(v, dtype=np.float64) for k, v in scores.items()},
-                                **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_npz_atomic(path, {"member": np.asarray(member, dtype=bool), "attacks": np.array(list(scores), dtype=str),
+                           **{f"score.{k}": np.asarray(v, dtype=np.float64) for k, v in scores.items()},
+                           **arrays})
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +339,7 @@ class MembershipInference(Evaluator):
     """Threshold, robustness-based, LiRA and RMIA attacks sharing reference models and signals."""
 
     name = "mia"
+    contract_params = {"reference_models": 2, "adv_steps": 2, "population_size": 64}
     description = ("membership inference: loss/confidence/entropy/m-entropy thresholds (global, class), "
                    "robustness-based (PGD), LiRA online/offline, RMIA online/offline; TPR at low FPR")
     version = 1
@@ -367,15 +357,16 @@ class MembershipInference(Evaluator):
             torch.set_rng_state(state)
 
     def _evaluate(self, ctx: EvalContext) -> EvalResult:
-        from ..mia import cache as C
+        from ..execution import reference as XR
+        from ..execution.jobs import subset_sha
+        from ..mia import signals as C
         from ..mia import reference as R
 
         p: MIAParams = self.params
         cfg, data = ctx.config, ctx.data
         res = EvalResult()
-        spec = cfg.dataset_spec()
-        use_augs = p.augmentations == "on" or (p.augmentations == "auto" and cfg.resolved_train().augment)
-        augs = C.augmentations(spec.augmentation, use_augs)
+        use_augs = p.augmentations == "on" or (p.augmentations == "auto" and cfg.train.augment)
+        augs = C.augmentations(cfg.dataset_info["augmentation"], use_augs)
         member = np.asarray(data.member_mask, dtype=bool)
         n_pool = member.size
         x_pool, y_pool_t = data.x_pool, data.y_pool
@@ -390,23 +381,19 @@ class MembershipInference(Evaluator):
         num_classes = data.dataset.num_classes
 
         dataset_sha = data.dataset.fingerprint()[:16]
-        data_key = {"dataset": dataset_sha, "pool": R._sha(data.pool_idx),
-                    "population": R._sha(data.test_idx[:n_pop]), "augmentations": list(augs)}
+        data_key = {"dataset": dataset_sha, "pool": subset_sha(data.pool_idx),
+                    "population": subset_sha(data.test_idx[:n_pop]), "augmentations": list(augs)}
 
         # 1. reference models ------------------------------------------------------------
-        recipe_hash = R.reference_recipe_hash(cfg, data, p.reference_seed) if k else None
-        trained_now, reused = [], []
+        jobs = XR.reference_jobs(cfg, data, k, ctx.cache_dir, seed=p.reference_seed) if k else []
+        recipe_hash = jobs[0].meta["recipe_hash"] if jobs else None
+        reused = [i for i, j in enumerate(jobs) if j.path.exists()]
+        trained_now = [i for i, j in enumerate(jobs) if not j.path.exists()]
         t0 = time.perf_counter()
-        for i in range(k):
-            if R.reference_path(ctx.cache_dir, recipe_hash, i).exists():
-                reused.append(i)
-                continue
-            R.train_reference(cfg, data, i, ctx.cache_dir, seed=p.reference_seed, progress=ctx.progress,
-                              recipe_hash=recipe_hash)
-            trained_now.append(i)
+        ref_paths = ctx.run_jobs(jobs) if jobs else []
         t_ref = time.perf_counter() - t0
         in_mask = R.reference_in_mask(n_pool, int(member.sum()), k, p.reference_seed)
-        ref_metas = [R.read_reference_meta(R.reference_path(ctx.cache_dir, recipe_hash, i)) for i in range(k)]
+        ref_metas = [XR.read_reference_meta(path) for path in ref_paths]
 
         # 2. signals ----------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -450,7 +437,7 @@ class MembershipInference(Evaluator):
             spath = C.signal_path(ctx.cache_dir, key)
             ra = C.load_signals(spath, ("pool", "population"))
             if ra is None:
-                model = R.load_reference(cfg, data, R.reference_path(ctx.cache_dir, recipe_hash, i), ctx.device)
+                model = XR.load_reference(cfg, data, ref_paths[i], ctx.device)
                 ra = {"pool": C.query_logits(model, x_pool, augs, ctx.device, p.batch_size),
                       "population": C.query_logits(model, x_pop, augs, ctx.device, p.batch_size)}
                 C.save_signals(spath, ra, key)
@@ -509,7 +496,7 @@ class MembershipInference(Evaluator):
                                  "last M examples of a seeded permutation of the pool (complementary halves "
                                  "when M = P/2); same recipe as the target via fit_recipe"),
             "reference_recipe_hash": recipe_hash,
-            "reference_cache": (str(R.reference_dir(ctx.cache_dir, recipe_hash)) if k else None),
+            "reference_cache": (str(XR.reference_dir(ctx.cache_dir, recipe_hash)) if k else None),
             "reference_models_trained_now": trained_now, "reference_models_reused": reused,
             "reference_training_seconds_now": t_ref,
             "reference_training_seconds_total": total_ref_cost,

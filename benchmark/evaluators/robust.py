@@ -20,16 +20,16 @@ from typing import Literal
 
 import torch
 
-from ..attacks.pgd import PGDAttack, PGDParams
+from ..attacks.pgd import STEP_SIZE_HELP, PGDAttack, PGDParams, default_step_size
 from ..params import param
-from ..results import load_tensors, save_tensors_atomic
+from ..store.io import load_tensors, save_tensors_atomic
 from .base import EvalContext, EvalResult, Evaluator, predict, proportion
 
 
 @dataclass(frozen=True)
 class PGDEvalParams:
     steps: int = param(20, "PGD iterations", ge=1)
-    step_size: float | None = param(None, "step size (default 2.5 * eps / steps)", gt=0)
+    step_size: float | None = param(None, STEP_SIZE_HELP, gt=0)
     restarts: int = param(1, "random restarts", ge=1)
     n_examples: int | None = param(None, "test examples attacked (default: all)", ge=1)
     batch_size: int = param(256, "attack batch size", ge=1)
@@ -39,6 +39,8 @@ class PGDRobustness(Evaluator):
     """Robust accuracy under PGD-k with random start in the run's threat model."""
 
     name = "pgd"
+    namespace = "robust.pgd"
+    contract_params = {"n_examples": 16, "steps": 2}
     description = "robust accuracy under PGD-k (random start, restarts) in the run's threat model"
     version = 1
     Params = PGDEvalParams
@@ -60,11 +62,11 @@ class PGDRobustness(Evaluator):
                 correct += int((ctx.model(xa).argmax(1) == yb).sum())
             if i == 0:
                 advs.append(xa[:16].cpu())
-        ctx.shared["pgd_examples"] = (x[:16], torch.cat(advs) if advs else x[:0], y[:16])
+        ctx.examples["pgd"] = (x[:16], torch.cat(advs) if advs else x[:0], y[:16])
         res = EvalResult()
         res.metrics["robust.pgd.accuracy"] = proportion(correct, n)
         res.notes["robust.pgd"] = {"steps": p.steps, "restarts": p.restarts,
-                                   "step_size": p.step_size or 2.5 * ctx.threat.eps / p.steps,
+                                   "step_size": default_step_size(ctx.threat.eps, p.steps, p.step_size),
                                    "norm": ctx.threat.norm, "eps": ctx.threat.eps}
         return res
 
@@ -105,6 +107,8 @@ class AutoAttackRobustness(Evaluator):
     """
 
     name = "autoattack"
+    namespace = "robust.autoattack"
+    contract_params = {"n_examples": 8}
     description = "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack; flags recorded"
     version = 1
     Params = AutoAttackParams
@@ -181,7 +185,7 @@ class AutoAttackRobustness(Evaluator):
             "driver": "one run_standard_evaluation call per attack on the still-robust examples; "
                       "cfbench's own resumable state",
         }
-        ctx.shared["autoattack_examples"] = (x[:16], state["x_adv"][:16].clone(), y[:16])
+        ctx.examples["autoattack"] = (x[:16], state["x_adv"][:16].clone(), y[:16])
         state_path.unlink(missing_ok=True)
         return res
 

@@ -389,3 +389,11 @@ def best_of(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "balanced_accuracy": pick(lambda s: s["balanced_accuracy"]),
         "tpr_at_fpr": {k: pick(lambda s, k=k: s["tpr_at_fpr"][k]) for k in keys},
     }
+
+
+def proportion(k: int, n: int, confidence: float = 0.95) -> dict[str, Any]:
+    """A rate ``k / n`` with its exact Clopper-Pearson interval (``value`` None when ``n = 0``)."""
+    if n == 0:
+        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+    lo, hi = clopper_pearson(int(k), int(n), confidence)
+    return {"value": k / n, "ci_low": float(lo), "ci_high": float(hi), "n": int(n)}

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cfbench.defense import Defense
+from cfbench.defenses import Defense
 from cfbench.params import param
 
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@
 ``cfbench leaderboard [--dataset D] [--runs DIR] [--out DIR]`` reads every record under
 ``DIR`` (default ``runs/``), groups the finished ones (``status == "ok"``) by **protocol**,
 and writes one table per protocol as ``<out>/<name>.{md,csv,json,html}``, each headed by the
-protocol and the command that rebuilds it.
+protocol and the command that rebuilds it.  This module builds the tables
+(:class:`Leaderboard`); :mod:`.writers` writes them.
 
 Protocol
     What must be equal for two numbers to be comparable (:func:`protocol_of`): the harness
@@ -17,6 +18,9 @@ Protocol
     falls back to PGD (then the ``pgd`` evaluator's parameters are part of the protocol and
     the table says "PGD").  Records that disagree on any of this are never mixed in one
     table; failed or unfinished runs never enter a table (they are counted in its notes).
+    Record files the store cannot use (not valid JSON, not a JSON object, fields of the wrong
+    type) are skipped, never fatal, and listed with their path and reason in the notes of
+    every table of the build (they cannot be attributed to a protocol).
 
 Rows
     One row per *recipe*: defense (name, version, hyper-parameters) and training budget
@@ -48,8 +52,6 @@ File names
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import shlex
@@ -58,20 +60,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..hashing import canonical_hash, canonical_json
+from ..store import RECORD, StoreIssues, iter_records
+from .format import ci, fmt_eps, num
 
 LEAKAGE_FPR = "0.001"
 TABLE_EVALUATORS = ("clean", "autoattack", "mia")
 #: evaluator parameters that change how fast a number is computed, not what it measures
 IGNORED_PARAMS = ("batch_size",)
-FORMATS = ("md", "csv", "json", "html")
+#: ``status`` of an excluded entry for a record file the store could not use
+UNUSABLE = "unusable"
+#: the long (CSV / JSON) name of each aggregated value
+CSV_NAMES = {
+    "clean": "clean_accuracy", "robust": "robust_accuracy", "auc": "mia_best_auc",
+    "tpr": f"mia_best_tpr_at_fpr_{LEAKAGE_FPR}", "epsilon": "dp_epsilon", "train_s": "train_seconds",
+    "eval_s": "eval_seconds",
+}
 
 
 # ------------------------------------------------------------------------------ protocol
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
 def protocol_of(record: Mapping[str, Any]) -> dict[str, Any]:
     """The protocol a record was produced under (see the module docstring)."""
     cfg = record.get("config") or {}
@@ -95,21 +103,15 @@ def protocol_of(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def protocol_id(protocol: Mapping[str, Any]) -> str:
-    return hashlib.sha256(_canon(protocol).encode()).hexdigest()
-
-
-def _fmt_eps(eps: Any) -> str:
-    try:
-        return format(float(eps), ".4g")
-    except (TypeError, ValueError):
-        return str(eps)
+    """sha256 of the protocol's canonical JSON (names committed leaderboards: never change it)."""
+    return canonical_hash(protocol)
 
 
 def base_name(protocol: Mapping[str, Any]) -> str:
     ds = (protocol.get("dataset") or {}).get("name", "unknown")
     model = (protocol.get("model") or {}).get("name", "unknown")
     th = protocol.get("threat") or {}
-    raw = f"{ds}-{model}-{th.get('norm', 'unknown')}-{_fmt_eps(th.get('eps'))}"
+    raw = f"{ds}-{model}-{th.get('norm', 'unknown')}-{fmt_eps(th.get('eps'))}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
 
 
@@ -127,7 +129,7 @@ def describe_protocol(protocol: Mapping[str, Any]) -> list[tuple[str, str]]:
     out = [
         ("dataset", f"{ds.get('name')} (version {ds.get('version')})"),
         ("model", f"{model.get('name')} (version {model.get('version')}; {params(model.get('params'))})"),
-        ("threat model", f"{th.get('norm')}, eps = {_fmt_eps(th.get('eps'))}"),
+        ("threat model", f"{th.get('norm')}, eps = {fmt_eps(th.get('eps'))}"),
         ("data split", ", ".join(f"{k}={'all' if v is None else v}" for k, v in data.items())),
     ]
     ev = protocol.get("evaluators") or {}
@@ -143,31 +145,6 @@ def describe_protocol(protocol: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------- per record
-def _num(v: Any) -> float:
-    """A metric's number as float; n/a (None, missing, non-numeric) is NaN; 'inf' is inf."""
-    if isinstance(v, Mapping):
-        v = v.get("value")
-    if isinstance(v, bool) or v is None:
-        return math.nan
-    if isinstance(v, str):
-        if v in ("inf", "Infinity"):
-            return math.inf
-        try:
-            return float(v)
-        except ValueError:
-            return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _ci(m: Any) -> tuple[float, float]:
-    if isinstance(m, Mapping):
-        return _num(m.get("ci_low")), _num(m.get("ci_high"))
-    return math.nan, math.nan
-
-
 def mia_attacks(metrics: Mapping[str, Any]) -> list[str]:
     """Names of the membership attacks present in a record's metrics (``mia.<A>.auc``)."""
     out = []
@@ -187,27 +164,27 @@ def strongest(metrics: Mapping[str, Any], metric: str) -> dict[str, Any]:
     """
     best = metrics.get(f"mia.best.{metric}")
     attack = None
-    if isinstance(best, Mapping) and not math.isnan(_num(best)):
+    if isinstance(best, Mapping) and not math.isnan(num(best)):
         attack = best.get("attack")
-        lo, hi = _ci(best)
+        lo, hi = ci(best)
         if (math.isnan(lo) or math.isnan(hi)) and attack is not None:
-            lo, hi = _ci(metrics.get(f"mia.{attack}.{metric}"))
-        return {"value": _num(best), "ci_low": lo, "ci_high": hi, "attack": attack}
-    if best is not None and not isinstance(best, Mapping) and not math.isnan(_num(best)):
-        return {"value": _num(best), "ci_low": math.nan, "ci_high": math.nan, "attack": None}
+            lo, hi = ci(metrics.get(f"mia.{attack}.{metric}"))
+        return {"value": num(best), "ci_low": lo, "ci_high": hi, "attack": attack}
+    if best is not None and not isinstance(best, Mapping) and not math.isnan(num(best)):
+        return {"value": num(best), "ci_low": math.nan, "ci_high": math.nan, "attack": None}
     value, lo, hi = math.nan, math.nan, math.nan
     for a in mia_attacks(metrics):
         m = metrics.get(f"mia.{a}.{metric}")
-        v = _num(m)
+        v = num(m)
         if not math.isnan(v) and (math.isnan(value) or v > value):
             value, attack = v, a
-            lo, hi = _ci(m)
+            lo, hi = ci(m)
     return {"value": value, "ci_low": lo, "ci_high": hi, "attack": attack}
 
 
 def eval_seconds(timings: Mapping[str, Any]) -> float:
     """Evaluation cost: the sum of the evaluators' totals ``timings['eval.<name>']``."""
-    vals = [_num(v) for k, v in timings.items() if k.startswith("eval.") and k.count(".") == 1]
+    vals = [num(v) for k, v in timings.items() if k.startswith("eval.") and k.count(".") == 1]
     vals = [v for v in vals if not math.isnan(v)]
     return float(sum(vals)) if vals else math.nan
 
@@ -231,16 +208,16 @@ def record_row(record: Mapping[str, Any], robust_source: str | None = "autoattac
         "seed": cfg.get("seed"),
         "defense": d.get("name"),
         "defense_version": d.get("version"),
-        "params": _canon(d.get("params") or {}),
-        "train": _canon(cfg.get("train") or {}),
+        "params": canonical_json(d.get("params") or {}),
+        "train": canonical_json(cfg.get("train") or {}),
         "family": comp.get("family") or "other",
         "description": comp.get("description") or "",
-        "clean": _num(clean), "clean_lo": _ci(clean)[0], "clean_hi": _ci(clean)[1],
-        "robust": _num(robust), "robust_lo": _ci(robust)[0], "robust_hi": _ci(robust)[1],
+        "clean": num(clean), "clean_lo": ci(clean)[0], "clean_hi": ci(clean)[1],
+        "robust": num(robust), "robust_lo": ci(robust)[0], "robust_hi": ci(robust)[1],
         "auc": auc["value"], "auc_lo": auc["ci_low"], "auc_hi": auc["ci_high"], "auc_attack": auc["attack"],
         "tpr": tpr["value"], "tpr_lo": tpr["ci_low"], "tpr_hi": tpr["ci_high"], "tpr_attack": tpr["attack"],
-        "epsilon": _num(metrics.get("dp.epsilon")),
-        "train_s": _num(timings.get("train")),
+        "epsilon": num(metrics.get("dp.epsilon")),
+        "train_s": num(timings.get("train")),
         "eval_s": eval_seconds(timings),
     }
 
@@ -287,6 +264,8 @@ class Leaderboard:
     robust_source: str | None           # "autoattack", "pgd", or None (not evaluated)
     leakage: str | None                 # "tpr" (TPR at 0.1% FPR), "auc", or None (no MIA)
     pareto_axes: list[str] = field(default_factory=list)
+    #: runs left out: ``{run_id, status, reason}`` for failed or unfinished runs of this
+    #: protocol; ``{run_id: None, path, status: "unusable", reason}`` for unusable record files
     excluded: list[dict[str, Any]] = field(default_factory=list)
     runs: str = "runs"
 
@@ -303,9 +282,14 @@ class Leaderboard:
     def leakage_label(self) -> str:
         return {"tpr": "strongest MIA TPR @ 0.1% FPR", "auc": "strongest MIA AUC"}.get(self.leakage or "", "n/a")
 
+    @property
+    def unusable(self) -> list[dict[str, Any]]:
+        """The excluded entries that are unusable record files (not failed or unfinished runs)."""
+        return [e for e in self.excluded if e.get("status") == UNUSABLE]
+
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Leaderboard:
-        """A leaderboard back from its ``.json`` file (as :func:`to_json_obj` wrote it)."""
+        """A leaderboard back from its ``.json`` file (as :func:`.writers.to_json_obj` wrote it)."""
         import pandas as pd
 
         rows = []
@@ -314,19 +298,19 @@ class Leaderboard:
                 "pareto_rank": math.nan if r.get("pareto_rank") is None else r["pareto_rank"],
                 "label": r.get("label"), "defense": r.get("defense"), "defense_version": r.get("defense_version"),
                 "family": r.get("family") or "other", "description": r.get("description") or "",
-                "params": _canon(r.get("params") or {}), "train": _canon(r.get("train") or {}),
+                "params": canonical_json(r.get("params") or {}), "train": canonical_json(r.get("train") or {}),
                 "seeds": int(r.get("seeds") or 0), "seed_list": " ".join(str(s) for s in r.get("seed_list") or []),
                 "n_records": int(r.get("n_records") or len(r.get("run_ids") or [])),
                 "run_ids": " ".join(r.get("run_ids") or []),
             }
             for c, long in CSV_NAMES.items():
                 e = r.get(long) or {}
-                row[f"{c}_mean"] = _num(e.get("mean"))
-                row[f"{c}_std"] = _num(e.get("std"))
+                row[f"{c}_mean"] = num(e.get("mean"))
+                row[f"{c}_std"] = num(e.get("std"))
                 row[f"{c}_n"] = int(e.get("n") or 0)
                 if c in ("clean", "robust", "auc", "tpr"):
-                    row[f"{c}_ci_low"] = _num(e.get("ci_low"))
-                    row[f"{c}_ci_high"] = _num(e.get("ci_high"))
+                    row[f"{c}_ci_low"] = num(e.get("ci_low"))
+                    row[f"{c}_ci_high"] = num(e.get("ci_high"))
                 if c in ("auc", "tpr"):
                     row[f"{c}_attack"] = ", ".join(e.get("attacks") or [])
             rows.append(row)
@@ -350,16 +334,12 @@ class Leaderboard:
                 + "); rank 1 is the front (non-dominated sorting of the rows' means).")
 
 
-def _group_key(r: Mapping[str, Any]) -> tuple:
-    return (r["defense"], r["defense_version"], r["params"], r["train"])
-
-
 def _labels(groups: list[dict[str, Any]]) -> list[str]:
     """Row labels: the defense name, plus the hyper-parameters / training settings that
     tell rows of the same table apart (only those that differ)."""
     def diff_keys(dicts: list[dict[str, Any]]) -> list[str]:
         keys = sorted({k for d in dicts for k in d})
-        return [k for k in keys if len({_canon(d.get(k)) for d in dicts}) > 1]
+        return [k for k in keys if len({canonical_json(d.get(k)) for d in dicts}) > 1]
 
     trains = [json.loads(g["train"]) for g in groups]
     train_keys = diff_keys(trains)
@@ -455,34 +435,82 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
                        pareto_axes=[a for a, _, _ in axes], excluded=list(excluded), runs=str(runs))
 
 
+# ------------------------------------------------------------------------------ loading
+#: the types a record's fields must have for the table's sorting and grouping (None: n/a)
+_ROW_TYPES = {"defense": (str,), "defense_version": (int,), "seed": (int,), "created": (str,)}
+#: the record sections a table reads, which must be JSON objects when present
+_SECTIONS = [("config", k) for k in ("model", "threat", "data", "defense", "train", "evaluators")] + [
+    ("components", "defense")]
+
+
+def _unusable(rec: Mapping[str, Any]) -> str | None:
+    """Why a record the store accepted still cannot enter a table (a nested field of the
+    wrong type, e.g. ``config.threat`` a list or ``config.seed`` a string), or None if it can."""
+    for top, key in _SECTIONS:
+        v = (rec.get(top) or {}).get(key)
+        if v is not None and not isinstance(v, Mapping):
+            return f"{top}.{key} is a {type(v).__name__}, expected an object"
+    try:
+        base_name(protocol_of(rec))
+        protocol_id(protocol_of(rec))
+        row = record_row(rec)
+    except (TypeError, AttributeError, ValueError, KeyError) as e:
+        return f"a field has the wrong type ({type(e).__name__}: {e})"
+    for key, types in _ROW_TYPES.items():
+        v = row[key]
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            return f"{key} {v!r} is a {type(v).__name__}, expected {' or '.join(t.__name__ for t in types)}"
+    return None
+
+
+def unusable_entry(path: str | Path, reason: str) -> dict[str, Any]:
+    """The excluded entry of a record file that could not be used."""
+    return {"run_id": None, "path": str(path), "status": UNUSABLE, "reason": reason}
+
+
 def load_records(runs: str | Path, dataset: str | None = None) -> tuple[list[dict], list[dict]]:
     """(finished records, excluded records) under ``runs``, optionally of one dataset.
 
     Excluded are failed and unfinished runs (``status`` other than ``"ok"``), kept with their
-    protocol so that each table can say how many of its runs were left out and why.
+    protocol so that each table can say how many of its runs were left out and why, then the
+    record files that cannot be used (unreadable, not a JSON object, fields of the wrong
+    type) as :func:`unusable_entry` dicts (``status == "unusable"``, with path and reason),
+    sorted by path: they never stop the build.  A file the store could not read at all
+    cannot be attributed to a dataset and is listed whatever ``dataset`` is.  The store's
+    shared cache folder holds no runs and is skipped.
     """
-    from .results import iter_records
-
     runs = Path(runs)
     if not runs.is_dir():
         raise UsageError(f"runs directory {str(runs)!r} does not exist; pass --runs DIR with the directory "
                          "that `cfbench run --out DIR` wrote to.")
-    ok, excluded = [], []
+    ok, excluded, unusable = [], [], []
     seen_datasets = set()
-    for rec in iter_records(runs, status=None):
-        if not isinstance(rec.get("config"), Mapping):
-            continue
-        if "_cache" in Path(rec["_path"]).relative_to(runs).parts:  # runner.CACHE_DIR: not runs
-            continue
-        ds = ((rec["config"].get("dataset") or {}).get("name"))
+    issues = StoreIssues()
+    for rec in iter_records(runs, status=None, issues=issues):
+        ds = rec["config"]["dataset"]["name"]  # the store checked that it is a string
         seen_datasets.add(ds)
         if dataset is not None and ds != dataset:
             continue
+        reason = _unusable(rec)
+        if reason is not None:
+            unusable.append(unusable_entry(Path(rec["_path"]) / RECORD, reason))
+            continue
         (ok if rec.get("status") == "ok" else excluded).append(rec)
-    if dataset is not None and not ok and not excluded:
+    if dataset is not None and not ok and not excluded and not unusable:
         raise UsageError(f"no records of dataset {dataset!r} under {str(runs)!r}. Datasets with records there: "
-                         f"{', '.join(sorted(str(d) for d in seen_datasets)) or '(none)'}.")
-    return ok, excluded
+                         f"{', '.join(sorted(str(d) for d in seen_datasets)) or '(none)'}."
+                         + _unusable_text([unusable_entry(p, r) for p, r in issues.bad]))
+    unusable += [unusable_entry(p, r) for p, r in issues.bad]
+    return ok, excluded + sorted(unusable, key=lambda e: e["path"])
+
+
+def _unusable_text(unusable: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
+    if not unusable:
+        return ""
+    lines = [f"\n  {e['path']}: {e['reason']}" for e in unusable[:limit]]
+    more = f"\n  ... and {len(unusable) - limit} more" if len(unusable) > limit else ""
+    return (f" {len(unusable)} record file{'s' if len(unusable) != 1 else ''} could not be used:"
+            + "".join(lines) + more)
 
 
 def group_by_protocol(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -494,13 +522,18 @@ def group_by_protocol(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Ma
 
 def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: str | None = None
           ) -> list[Leaderboard]:
-    """Every leaderboard of the records under ``runs`` (one per protocol), named uniquely."""
+    """Every leaderboard of the records under ``runs`` (one per protocol), named uniquely.
+
+    Unusable record files are listed in the excluded entries of every table built."""
     ok, excluded = load_records(runs, dataset)
+    unusable = [e for e in excluded if e.get("status") == UNUSABLE]
+    excluded = [e for e in excluded if e.get("status") != UNUSABLE]
     groups = group_by_protocol(ok)
     if not groups:
         raise UsageError(f"no finished runs under {str(runs)!r}"
                          + (f" for dataset {dataset!r}" if dataset else "")
-                         + f" ({len(excluded)} failed or unfinished); nothing to tabulate.")
+                         + f" ({len(excluded)} failed or unfinished); nothing to tabulate."
+                         + _unusable_text(unusable))
     bad = group_by_protocol(excluded)
     names: dict[str, list[str]] = {}
     for pid, recs in groups.items():
@@ -510,278 +543,14 @@ def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: 
         for pid in sorted(pids):
             name = base if len(pids) == 1 else f"{base}-{pid[:8]}"
             exc = [{"run_id": r.get("run_id"), "status": r.get("status"), "reason": r.get("reason")}
-                   for r in bad.get(pid, [])]
+                   for r in bad.get(pid, [])] + [dict(e) for e in unusable]
             boards.append(aggregate(groups[pid], runs=runs_label or str(runs), name=name, excluded=exc))
     return boards
 
 
-# ------------------------------------------------------------------------------ formatting
-def _isnum(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-
-
-def fmt_metric(mean: float, std: float, lo: float, hi: float, *, percent: bool, digits: int | None = None) -> str:
-    """'85.4 ± 0.8 [82.0, 88.4]' (percent) or '0.612 [0.580, 0.644]'; 'n/a' when missing."""
-    if not _isnum(mean):
-        return "n/a"
-    s = 100.0 if percent else 1.0
-    d = digits if digits is not None else (1 if percent else 3)
-    text = f"{mean * s:.{d}f}"
-    if _isnum(std):
-        text += f" ± {std * s:.{d}f}"
-    if _isnum(lo) and _isnum(hi):
-        text += f" [{lo * s:.{d}f}, {hi * s:.{d}f}]"
-    return text
-
-
-def fmt_epsilon(mean: float, std: float = math.nan) -> str:
-    if isinstance(mean, float) and math.isinf(mean):
-        return "∞"
-    if not _isnum(mean):
-        return "—"
-    return f"{mean:.3g}" + (f" ± {std:.2g}" if _isnum(std) and std > 0 else "")
-
-
-def fmt_seconds(v: float) -> str:
-    if not _isnum(v):
-        return "n/a"
-    if v < 120:
-        return f"{v:.1f} s"
-    if v < 7200:
-        return f"{v / 60:.1f} min"
-    return f"{v / 3600:.1f} h"
-
-
-def display_rows(lb: Leaderboard) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the human-readable table (strings, not escaped)."""
-    import pandas as pd
-
-    tpr_digits = 2
-    header = ["rank", "defense", "family", "clean acc. %", f"{lb.robust_label.replace('acc.', 'acc. %')}",
-              "MIA AUC (strongest)", "MIA TPR @ 0.1% FPR % (strongest)", "DP ε", "train", "eval", "seeds"]
-    body = []
-    for _, r in lb.rows.iterrows():
-        rank = r["pareto_rank"]
-        auc = fmt_metric(r["auc_mean"], r["auc_std"], r["auc_ci_low"], r["auc_ci_high"], percent=False)
-        if r["auc_attack"]:
-            auc += f" ({r['auc_attack']})"
-        tpr = fmt_metric(r["tpr_mean"], r["tpr_std"], r["tpr_ci_low"], r["tpr_ci_high"], percent=True,
-                         digits=tpr_digits)
-        if r["tpr_attack"]:
-            tpr += f" ({r['tpr_attack']})"
-        body.append([
-            "n/a" if pd.isna(rank) else str(int(rank)),
-            r["label"], r["family"],
-            fmt_metric(r["clean_mean"], r["clean_std"], r["clean_ci_low"], r["clean_ci_high"], percent=True),
-            fmt_metric(r["robust_mean"], r["robust_std"], r["robust_ci_low"], r["robust_ci_high"], percent=True),
-            auc, tpr,
-            fmt_epsilon(r["epsilon_mean"], r["epsilon_std"]),
-            fmt_seconds(r["train_s_mean"]), fmt_seconds(r["eval_s_mean"]),
-            str(r["seeds"]),
-        ])
-    return header, body
-
-
-def notes(lb: Leaderboard) -> list[str]:
-    n_rec = len(lb.records)
-    out = [
-        lb.pareto_text(),
-        "Numbers are means over training seeds, ± the sample standard deviation (no ± with one seed); "
-        "brackets are 95% intervals (Clopper-Pearson for rates, the record's own interval for AUC): a single "
-        "run's interval, or with several seeds the smallest lower and largest upper bound over the seeds.",
-        "MIA: the strongest of the evaluated membership attacks per run (named in parentheses; the maximum over "
-        "attacks is an optimistic estimate). n/a: not evaluated, or the sample cannot support the rate.",
-        "Cost: training and evaluation wall-clock seconds per run (mean over seeds).",
-        f"Built from {n_rec} finished run{'s' if n_rec != 1 else ''}."
-        + (f" Excluded (failed or unfinished, never tabulated): {len(lb.excluded)}." if lb.excluded else ""),
-    ]
-    return out
-
-
-def _md_cell(text: Any) -> str:
-    s = str(text)
-    return (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-            .replace("\n", " "))
-
-
-def to_markdown(lb: Leaderboard) -> str:
-    header, body = display_rows(lb)
-    lines = [f"# Leaderboard: {_md_cell(lb.name)}", "",
-             f"Rebuild with: `{lb.command}`", "",
-             f"Protocol `{lb.protocol_id[:12]}`:", ""]
-    lines += [f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in describe_protocol(lb.protocol)]
-    lines += ["", "| " + " | ".join(_md_cell(h) for h in header) + " |",
-              "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
-    lines += [""] + [f"- {_md_cell(n)}" for n in notes(lb)]
-    if lb.excluded:
-        lines += [f"  - excluded {_md_cell(e['run_id'])}: {_md_cell(e['status'])}"
-                  + (f" ({_md_cell(e['reason'])})" if e.get("reason") else "") for e in lb.excluded]
-    return "\n".join(lines) + "\n"
-
-
-CSV_COLUMNS = [
-    "pareto_rank", "label", "defense", "defense_version", "family", "params", "train", "seeds", "seed_list",
-    "n_records",
-    "clean_mean", "clean_std", "clean_ci_low", "clean_ci_high",
-    "robust_mean", "robust_std", "robust_ci_low", "robust_ci_high",
-    "auc_mean", "auc_std", "auc_ci_low", "auc_ci_high", "auc_attack",
-    "tpr_mean", "tpr_std", "tpr_ci_low", "tpr_ci_high", "tpr_attack",
-    "epsilon_mean", "epsilon_std", "train_s_mean", "train_s_std", "eval_s_mean", "eval_s_std", "run_ids",
-]
-CSV_NAMES = {
-    "clean": "clean_accuracy", "robust": "robust_accuracy", "auc": "mia_best_auc",
-    "tpr": f"mia_best_tpr_at_fpr_{LEAKAGE_FPR}", "epsilon": "dp_epsilon", "train_s": "train_seconds",
-    "eval_s": "eval_seconds",
-}
-
-
-def _csv_name(col: str) -> str:
-    for short, long in CSV_NAMES.items():
-        if col.startswith(short + "_") and col[len(short) + 1:] in (
-                "mean", "std", "ci_low", "ci_high", "attack"):
-            return f"{long}_{col[len(short) + 1:]}"
-    return col
-
-
-def to_csv(lb: Leaderboard) -> str:
-    """CSV (fractions, not percent), headed by ``#`` comment lines: read with
-    ``pandas.read_csv(path, comment="#")``."""
-    import io
-
-    head = [f"# leaderboard {lb.name}", f"# rebuild: {lb.command}",
-            f"# protocol {lb.protocol_id}: {_canon(lb.protocol)}", f"# {lb.pareto_text()}",
-            f"# robust accuracy: {lb.robust_source or 'not evaluated'}; "
-            f"leakage for the Pareto rank: {lb.leakage_label}"]
-    df = lb.rows[CSV_COLUMNS].rename(columns=_csv_name)
-    buf = io.StringIO()
-    df.to_csv(buf, index=False, lineterminator="\n")
-    return "\n".join(head) + "\n" + buf.getvalue()
-
-
-def _json_num(v: Any) -> Any:
-    if v is None:
-        return None
-    try:
-        import pandas as pd
-        if v is pd.NA:
-            return None
-    except ImportError:  # pragma: no cover
-        pass
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float):
-        if math.isnan(v):
-            return None
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-    return v
-
-
-def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
-    from . import __version__
-
-    rows = []
-    for _, r in lb.rows.iterrows():
-        row = {
-            "pareto_rank": _json_num(r["pareto_rank"]), "label": r["label"], "defense": r["defense"],
-            "defense_version": _json_num(r["defense_version"]), "family": r["family"],
-            "description": r["description"],
-            "params": json.loads(r["params"]), "train": json.loads(r["train"]),
-            "seeds": int(r["seeds"]), "n_records": int(r["n_records"]),
-            "seed_list": [int(s) for s in str(r["seed_list"]).split()],
-            "run_ids": str(r["run_ids"]).split(),
-        }
-        for c in ("clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s"):
-            entry = {"mean": _json_num(r[f"{c}_mean"]), "std": _json_num(r[f"{c}_std"]), "n": int(r[f"{c}_n"])}
-            if f"{c}_ci_low" in r:
-                entry["ci_low"] = _json_num(r[f"{c}_ci_low"])
-                entry["ci_high"] = _json_num(r[f"{c}_ci_high"])
-            if f"{c}_attack" in r:
-                entry["attacks"] = [a for a in str(r[f"{c}_attack"]).split(", ") if a]
-            row[CSV_NAMES[c]] = entry
-        rows.append(row)
-    per_run = []
-    for _, r in lb.records.iterrows():
-        per_run.append({k: _json_num(r[k]) for k in ("run_id", "seed", "defense", "clean", "robust", "auc",
-                                                      "auc_attack", "tpr", "tpr_attack", "epsilon",
-                                                      "train_s", "eval_s")}
-                       | {"path": _rel(r["path"], lb.runs)})
-    return {
-        "name": lb.name, "command": lb.command, "protocol_id": lb.protocol_id, "protocol": lb.protocol,
-        "protocol_description": [{"label": k, "value": v} for k, v in describe_protocol(lb.protocol)],
-        "robust_source": lb.robust_source, "leakage": lb.leakage, "leakage_label": lb.leakage_label,
-        "leakage_fpr": float(LEAKAGE_FPR), "pareto_axes": lb.pareto_axes, "pareto": lb.pareto_text(),
-        "notes": notes(lb), "runs": lb.runs, "cfbench": __version__,
-        "rows": rows, "records": per_run, "excluded": lb.excluded,
-    }
-
-
-def _rel(path: Any, runs: str) -> str | None:
-    if not isinstance(path, str):
-        return None
-    try:
-        return str(Path(path).resolve().relative_to(Path(runs).resolve()))
-    except ValueError:
-        return path
-
-
-def to_html(lb: Leaderboard) -> str:
-    from .report import render_template
-
-    header, body = display_rows(lb)
-    return render_template("leaderboard.html", lb=lb, header=header, body=body, notes=notes(lb),
-                           protocol=describe_protocol(lb.protocol),
-                           descriptions=list(zip(lb.rows["label"], lb.rows["description"])))
-
-
-def write(lb: Leaderboard, out_dir: str | Path = "leaderboards") -> dict[str, Path]:
-    """Write ``<out_dir>/<name>.{md,csv,json,html}`` atomically; returns the paths."""
-    from .report import readable
-    from .results import atomic_write_text
-
-    out_dir = Path(out_dir)
-    texts = {"md": to_markdown(lb), "csv": to_csv(lb),
-             "json": json.dumps(to_json_obj(lb), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-             "html": to_html(lb)}
-    paths = {}
-    for ext, text in texts.items():
-        p = out_dir / f"{lb.name}.{ext}"
-        atomic_write_text(p, text)
-        readable(p)
-        paths[ext] = p
-    return paths
-
-
-# ------------------------------------------------------------------------------------ CLI
 def command_for(dataset: str, runs: str, out: str = "leaderboards") -> str:
     """The exact command that rebuilds the tables of one dataset."""
     parts = ["cfbench", "leaderboard", "--dataset", dataset, "--runs", runs]
     if out != "leaderboards":
         parts += ["--out", out]
     return " ".join(shlex.quote(str(p)) for p in parts)
-
-
-def cmd_leaderboard(args) -> int:
-    boards = build(args.runs, args.dataset, runs_label=args.runs)
-    for lb in boards:
-        lb.command = command_for(lb.dataset, args.runs, args.out)
-        paths = write(lb, args.out)
-        if not args.quiet:
-            print(to_markdown(lb))
-        print(f"wrote {paths['md']} (.csv .json .html): {len(lb.rows)} rows from {len(lb.records)} runs"
-              + (f"; {len(lb.excluded)} failed/unfinished excluded" if lb.excluded else ""))
-    return 0
-
-
-def add_subparser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "leaderboard", help="aggregate stored records into leaderboard tables",
-        description="Aggregate the finished records under --runs that share a protocol (dataset, model, threat "
-                    "model, data split, evaluators) into tables: <out>/<name>.{md,csv,json,html}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default=None, help="only records of this dataset (default: every dataset)")
-    p.add_argument("--runs", default="runs", help="directory of run folders (as written by `cfbench run --out`)")
-    p.add_argument("--out", default="leaderboards", help="directory the tables are written to")
-    p.add_argument("--quiet", action="store_true", help="do not print the tables, only the paths")
-    p.set_defaults(func=cmd_leaderboard)

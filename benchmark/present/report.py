@@ -14,144 +14,47 @@ runs of the same protocol found next to it (``--runs`` to look elsewhere), with 
 plane's Pareto front, defense families coloured and DP epsilon marked; training curves;
 the AutoAttack per-attack breakdown and its warnings; example images (clean, adversarial,
 perturbation, and counterfactual where the defense made them) from
-``<run-dir>/examples.safetensors``.  ``cfbench run`` writes ``<run-dir>/report.html``.
+``<run-dir>/examples.safetensors``.  ``cfbench run`` writes ``<run-dir>/report.html``
+(:func:`report_after_run`).  The sub-commands live in :mod:`.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError, suggest
+from ..store import MODEL, RECORD, read_record
+from ..store.examples import load_examples
+from . import plots
+from .format import fmt_epsilon, fmt_plain, fmt_rate, fmt_seconds, isfinite, num
+from .html import render_template, write_html
+from .leaderboard import (
+    LEAKAGE_FPR,
+    Leaderboard,
+    aggregate,
+    describe_protocol,
+    eval_seconds,
+    load_records,
+    mia_attacks,
+    protocol_id,
+    protocol_of,
+    strongest,
+)
+from .writers import display_rows, excluded_lines, notes
 
-EXAMPLES = "examples.safetensors"
-EXAMPLE_SUFFIX = "_examples"
-EXAMPLE_SLOTS = ("clean", "adv", "y")
 FPRS = ("0.01", "0.001", "0.0001")
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-
-
-# ------------------------------------------------------------------------------ examples
-def save_examples(shared: dict[str, Any], path: str | Path) -> list[str]:
-    """Save the example tensors evaluators left in ``ctx.shared`` to one safetensors file.
-
-    Every entry whose key ends in ``_examples`` is saved: a tuple ``(x_clean, x_changed, y)``
-    becomes tensors ``<prefix>.clean``, ``<prefix>.adv``, ``<prefix>.y`` (``pgd_examples`` ->
-    ``pgd.*``, ``counterfactual_examples`` -> ``counterfactual.*``); a dict of named tensors
-    becomes ``<prefix>.<name>``.  Never raises: problems come back as warning strings (the
-    examples only feed the report; they must never fail a run).  Nothing is written when
-    there is nothing to save.
-    """
-    import torch
-
-    tensors: dict[str, Any] = {}
-    problems: list[str] = []
-    for key, value in shared.items():
-        if not key.endswith(EXAMPLE_SUFFIX):
-            continue
-        prefix = key[: -len(EXAMPLE_SUFFIX)]
-        items = value.items() if isinstance(value, dict) else zip(EXAMPLE_SLOTS, value or ())
-        for name, t in items:
-            if isinstance(t, torch.Tensor):
-                tensors[f"{prefix}.{name}"] = t.detach().cpu().clone().contiguous()  # own storage: views share it
-            else:
-                problems.append(f"report: example {key}[{name!r}] is a {type(t).__name__}, not a tensor; not saved")
-    if not tensors:
-        return problems
-    try:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    except Exception as e:  # noqa: BLE001 - examples must never fail a run
-        problems.append(f"report: could not save example images to {path}: {type(e).__name__}: {e}")
-    return problems
-
-
-def load_examples(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{prefix: {slot: array}}`` from ``<run_dir>/examples.safetensors`` ({} if absent)."""
-    path = Path(run_dir) / EXAMPLES
-    if not path.exists():
-        return {}
-    from safetensors.numpy import load_file
-
-    out: dict[str, dict[str, Any]] = {}
-    for key, arr in load_file(str(path)).items():
-        prefix, _, slot = key.rpartition(".")
-        out.setdefault(prefix or key, {})[slot] = arr
-    return out
-
-
-# ----------------------------------------------------------------------------- rendering
-def render_template(name: str, **context: Any) -> str:
-    """Render ``benchmark/templates/<name>`` with autoescaping on."""
-    from jinja2 import Environment, FileSystemLoader
-
-    from . import __version__
-
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, trim_blocks=False,
-                      lstrip_blocks=False, keep_trailing_newline=True)
-    return env.get_template(name).render(cfbench_version=__version__, **context)
-
-
-def _num(v: Any) -> float:
-    from .leaderboard import _num as num
-
-    return num(v)
-
-
-def _isnum(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def fmt_rate(m: Any, *, percent: bool = True, digits: int | None = None) -> tuple[str, str]:
-    """(text, tooltip) of a metric entry: value with its interval, or n/a with the reason."""
-    if m is None:
-        return "n/a", "not evaluated"
-    v = _num(m)
-    if math.isnan(v):
-        reason = m.get("reason") if isinstance(m, Mapping) else None
-        return "n/a", str(reason or "not available")
-    s = 100.0 if percent else 1.0
-    d = digits if digits is not None else (1 if percent else 3)
-    text = f"{v * s:.{d}f}"
-    tip = ""
-    if isinstance(m, Mapping):
-        lo, hi = _num(m.get("ci_low")), _num(m.get("ci_high"))
-        if _isnum(lo) and _isnum(hi):
-            text += f" [{lo * s:.{d}f}, {hi * s:.{d}f}]"
-        if m.get("n") is not None:
-            tip = f"n = {m['n']}"
-        if m.get("k") is not None:
-            tip += f", k = {m['k']}"
-        if m.get("fpr") is not None and m.get("fpr_target") is not None:
-            tip += f", achieved FPR = {m['fpr']:.3g}"
-    return text, tip
-
-
-def fmt_plain(v: Any) -> str:
-    if isinstance(v, Mapping):
-        if "value" in v:
-            return fmt_rate(v, percent=False, digits=4)[0]
-        return json.dumps(v, default=str)
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return "n/a" if v is None else str(v)
+#: the report ``cfbench run`` writes into the run's folder
+REPORT = "report.html"
 
 
 # ------------------------------------------------------------------------ run report parts
 def _cards(rec: Mapping[str, Any]) -> list[dict[str, str]]:
-    from .leaderboard import LEAKAGE_FPR, fmt_epsilon, fmt_seconds, strongest
-
     m = rec.get("metrics") or {}
     cards = []
 
@@ -182,13 +85,12 @@ def _cards(rec: Mapping[str, Any]) -> list[dict[str, str]]:
         cards.append({"label": "membership inference", "value": "n/a", "sub": "not evaluated in this run"})
     if "dp.epsilon" in m:
         delta = m.get("dp.delta")
-        cards.append({"label": "DP ε", "value": fmt_epsilon(_num(m["dp.epsilon"])),
+        cards.append({"label": "DP ε", "value": fmt_epsilon(num(m["dp.epsilon"])),
                       "sub": f"δ = {fmt_plain(delta)}" if delta is not None else ""})
     t = rec.get("timings") or {}
-    from .leaderboard import eval_seconds
-    cards.append({"label": "training time", "value": fmt_seconds(_num(t.get("train"))),
+    cards.append({"label": "training time", "value": fmt_seconds(num(t.get("train"))),
                   "sub": f"evaluation {fmt_seconds(eval_seconds(t))}"})
-    cards.append({"label": "total time", "value": fmt_seconds(_num(t.get("total"))), "sub": ""})
+    cards.append({"label": "total time", "value": fmt_seconds(num(t.get("total"))), "sub": ""})
     return cards
 
 
@@ -224,7 +126,7 @@ def _fpr_keys(metrics: Mapping[str, Any], attacks: Sequence[str]) -> list[str]:
     for a in attacks:
         prefix = f"mia.{a}.tpr_at_fpr."
         keys.update(k[len(prefix):] for k in metrics if k.startswith(prefix))
-    return sorted(keys, key=lambda k: -_num(k) if _isnum(_num(k)) else 0.0)
+    return sorted(keys, key=lambda k: -num(k) if isfinite(num(k)) else 0.0)
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -238,9 +140,6 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _mia(rec: Mapping[str, Any]) -> dict[str, Any] | None:
-    from . import plots
-    from .leaderboard import mia_attacks
-
     m = rec.get("metrics") or {}
     attacks = mia_attacks(m)
     notes = (rec.get("notes") or {}).get("mia") or {}
@@ -257,7 +156,7 @@ def _mia(rec: Mapping[str, Any]) -> dict[str, Any] | None:
         rows.append({"attack": a, "cells": cells, "formula": formula})
     best = []
     for key, label in [("auc", "AUC"), ("balanced_accuracy", "balanced accuracy")] + \
-                      [(f"tpr_at_fpr.{f}", f"TPR @ {_num(f) * 100:g}% FPR") for f in fprs]:
+                      [(f"tpr_at_fpr.{f}", f"TPR @ {num(f) * 100:g}% FPR") for f in fprs]:
         b = m.get(f"mia.best.{key}")
         if isinstance(b, Mapping):
             text, tip = fmt_rate(b, percent=key != "auc", digits=2 if key.startswith("tpr") else None)
@@ -269,13 +168,11 @@ def _mia(rec: Mapping[str, Any]) -> dict[str, Any] | None:
     img = plots.roc_figure(curves, n_nonmembers=n_out if isinstance(n_out, int) and n_out > 0 else None) \
         if curves else None
     return {"rows": rows, "best": best, "roc": img, "protocol": _flat(proto),
-            "fpr_labels": [f"TPR @ {_num(f) * 100:g}% FPR %" for f in fprs],
+            "fpr_labels": [f"TPR @ {num(f) * 100:g}% FPR %" for f in fprs],
             "has_formulas": any(r["formula"] for r in rows)}
 
 
 def _autoattack(rec: Mapping[str, Any]) -> dict[str, Any] | None:
-    from . import plots
-
     notes = (rec.get("notes") or {}).get("robust.autoattack")
     if not notes:
         return None
@@ -283,7 +180,7 @@ def _autoattack(rec: Mapping[str, Any]) -> dict[str, Any] | None:
     flags = list(notes.get("flags") or [])
     return {
         "img": plots.autoattack_figure(breakdown) if breakdown else None,
-        "breakdown": [(k, f"{100 * v:.1f}%" if _isnum(v) else "n/a") for k, v in breakdown.items()],
+        "breakdown": [(k, f"{100 * v:.1f}%" if isfinite(v) else "n/a") for k, v in breakdown.items()],
         "n": notes.get("n_examples"),
         "flags": flags,
         "settings": [(k, notes.get(k)) for k in ("package", "version", "norm", "eps", "n_examples", "attacks",
@@ -294,12 +191,12 @@ def _autoattack(rec: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _predict(run_dir: Path, arrays: Sequence[Any]) -> list[list[int]] | None:
     """Predicted labels of the run's saved model on each array, or None if unavailable."""
-    if not (run_dir / "model.safetensors").exists():
+    if not (run_dir / MODEL).exists():
         return None
     try:
         import torch
 
-        from .results import load_model
+        from ..store.models import load_model
 
         model = load_model(run_dir)
         with torch.no_grad():
@@ -311,13 +208,11 @@ def _predict(run_dir: Path, arrays: Sequence[Any]) -> list[list[int]] | None:
 def _examples(rec: Mapping[str, Any], run_dir: Path, *, with_predictions: bool = True) -> list[dict[str, Any]]:
     import numpy as np
 
-    from . import plots
-
     ex = load_examples(run_dir)
     if not ex:
         return []
     threat = (rec.get("config") or {}).get("threat") or {}
-    eps = _num(threat.get("eps"))
+    eps = num(threat.get("eps"))
     norm = threat.get("norm")
     out = []
     order = sorted(ex, key=lambda p: (p == "counterfactual", p))
@@ -347,7 +242,7 @@ def _examples(rec: Mapping[str, Any], run_dir: Path, *, with_predictions: bool =
             return out
 
         delta = changed - clean
-        if norm == "Linf" and _isnum(eps) and eps > 0 and not counterfactual:
+        if norm == "Linf" and isfinite(eps) and eps > 0 and not counterfactual:
             scaled = delta / eps
             how = f"perturbation / eps (eps = {eps:.4g}; red = brighter, blue = darker)"
         else:
@@ -371,8 +266,6 @@ def _examples(rec: Mapping[str, Any], run_dir: Path, *, with_predictions: bool =
 def _context(rec: Mapping[str, Any], runs: Path | None):
     """The leaderboard of the run's protocol among the finished runs in ``runs`` (with
     this run included even if it is not stored there), or None."""
-    from .leaderboard import aggregate, load_records, protocol_id, protocol_of
-
     if rec.get("status") != "ok":
         return None
     pid = protocol_id(protocol_of(rec))
@@ -386,14 +279,12 @@ def _context(rec: Mapping[str, Any], runs: Path | None):
 
 def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
     """The two trade-off figures of a leaderboard (robust vs clean; leakage vs robust)."""
-    from . import plots
-
     pts = []
     for _, r in lb.rows.iterrows():
         def err(c):
             if r[f"{c}_std"] == r[f"{c}_std"] and r["seeds"] > 1:   # not NaN: seeds' spread
                 return (r[f"{c}_mean"] - r[f"{c}_std"], r[f"{c}_mean"] + r[f"{c}_std"])
-            if _isnum(r[f"{c}_ci_low"]) and _isnum(r[f"{c}_ci_high"]):
+            if isfinite(r[f"{c}_ci_low"]) and isfinite(r[f"{c}_ci_high"]):
                 return (r[f"{c}_ci_low"], r[f"{c}_ci_high"])
             return None
 
@@ -410,7 +301,7 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
     out = {"figures": [], "missing": []}
 
     def plotted(x: str, y: str) -> bool:
-        return any(_isnum(p[x]) and _isnum(p[y]) for p in pts)
+        return any(isfinite(p[x]) and isfinite(p[y]) for p in pts)
 
     if not plotted("clean", "robust"):
         out["missing"].append("No robust accuracy in this protocol: the robustness plots are omitted.")
@@ -440,7 +331,7 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
     elif not lb.leakage:
         out["missing"].append("No membership-inference results in this protocol: the leakage plot is omitted.")
     for p in pts:
-        if not (_isnum(p["clean"]) and _isnum(p["robust"])):
+        if not (isfinite(p["clean"]) and isfinite(p["robust"])):
             out["missing"].append(f"{p['label']}: not plotted (clean or robust accuracy n/a).")
     out["errors_caption"] = ("Error bars: ± one standard deviation over seeds where a row has several seeds, "
                              "otherwise the run's 95% interval.")
@@ -448,27 +339,24 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
 
 
 def _table(lb, highlight_run: str | None = None) -> dict[str, Any]:
-    from .leaderboard import display_rows, notes
-
     header, body = display_rows(lb)
     me = [bool(highlight_run and highlight_run in str(r).split()) for r in lb.rows["run_ids"]]
-    return {"header": header, "rows": list(zip(body, me)), "notes": notes(lb)}
+    return {"header": header, "rows": list(zip(body, me)), "notes": notes(lb), "excluded": excluded_lines(lb)}
 
 
 def run_report(run_dir: str | Path, *, runs: str | Path | None = None, command: str | None = None,
                with_predictions: bool = True) -> str:
     """The HTML text of one run's report."""
-    from . import plots
-    from .leaderboard import describe_protocol, protocol_of
-    from .results import read_record
-
     run_dir = Path(run_dir)
     try:
         rec = read_record(run_dir)
     except FileNotFoundError:
         raise UsageError(f"{str(run_dir)!r} has no record.json: is it a cfbench run directory?") from None
     except json.JSONDecodeError as e:
-        raise UsageError(f"{run_dir / 'record.json'} is not valid JSON: {e}") from None
+        raise UsageError(f"{run_dir / RECORD} is not valid JSON: {e}") from None
+    if not isinstance(rec, Mapping):
+        raise UsageError(f"{run_dir / RECORD} is not a cfbench record (a JSON {type(rec).__name__}, "
+                         "not an object)")
     cfg = rec.get("config") or {}
     comp = (rec.get("components") or {}).get("defense") or {}
     lb = _context(rec, Path(runs) if runs is not None else run_dir.parent)
@@ -491,7 +379,7 @@ def run_report(run_dir: str | Path, *, runs: str | Path | None = None, command: 
         "history_len": len(rec.get("history") or []),
         "examples": _examples(rec, run_dir, with_predictions=with_predictions),
         "warnings": warnings,
-        "timings": [(k, f"{v:.2f} s" if _isnum(v) else fmt_plain(v)) for k, v in (rec.get("timings") or {}).items()],
+        "timings": [(k, f"{v:.2f} s" if isfinite(v) else fmt_plain(v)) for k, v in (rec.get("timings") or {}).items()],
         "metrics": [(k, fmt_plain(v)) for k, v in sorted((rec.get("metrics") or {}).items())],
         "defense_notes": [(k, fmt_plain(v)) for k, v in ((rec.get("notes") or {}).get("defense") or {}).items()],
         "tradeoff": tradeoff_plots(lb, highlight_run=rec.get("run_id")) if lb is not None else None,
@@ -503,16 +391,12 @@ def run_report(run_dir: str | Path, *, runs: str | Path | None = None, command: 
 
 def _roc_overlay(lb, runs_dir: Path) -> str | None:
     """ROC of each row's strongest attack (its first run), when the records are at hand."""
-    from . import plots
-    from .leaderboard import LEAKAGE_FPR, strongest
-    from .results import read_record
-
     curves: dict[str, tuple[list, list]] = {}
     n_out = None
     for _, r in lb.rows.iterrows():
         for run in lb.records[lb.records["run_id"].isin(str(r["run_ids"]).split())].itertuples():
             path = runs_dir / str(run.path) if run.path else None
-            if path is None or not (path / "record.json").exists():
+            if path is None or not (path / RECORD).exists():
                 continue
             rec = read_record(path)
             metric = f"tpr_at_fpr.{LEAKAGE_FPR}" if lb.leakage == "tpr" else "auc"
@@ -531,14 +415,11 @@ def _roc_overlay(lb, runs_dir: Path) -> str | None:
 
 def leaderboard_report(name: str, *, leaderboards: str | Path = "leaderboards", command: str | None = None) -> str:
     """The HTML text of a leaderboard's report, from ``<leaderboards>/<name>.json``."""
-    from .leaderboard import Leaderboard, describe_protocol
-
     path = Path(name)
     if path.suffix != ".json" or not path.exists():
         path = Path(leaderboards) / f"{name}.json"
     if not path.exists():
         avail = sorted(p.stem for p in Path(leaderboards).glob("*.json")) if Path(leaderboards).is_dir() else []
-        from .errors import suggest
         raise UsageError(f"no leaderboard {name!r} in {str(leaderboards)!r} (build it with `cfbench leaderboard`)."
                          + suggest(name, avail))
     obj = json.loads(path.read_text(encoding="utf-8"))
@@ -575,89 +456,14 @@ def _best(lb, col: str, maximize: bool) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- writing
-def readable(path: Path) -> None:
-    """Give a written file the usual permissions (``atomic_write_text`` creates it 0600 via
-    mkstemp): a report or a table is meant to be shared."""
-    os.chmod(path, 0o644)
-
-
-def write_report(html: str, out: str | Path) -> Path:
-    from .results import atomic_write_text
-
-    out = Path(out)
-    atomic_write_text(out, html)
-    readable(out)
-    return out
-
-
 def report_after_run(run_dir: str | Path) -> Path | None:
     """For ``cfbench run``: write ``<run_dir>/report.html`` and print its path; a failure
     only warns (a report must never fail a run)."""
     run_dir = Path(run_dir)
     try:
-        path = write_report(run_report(run_dir), run_dir / "report.html")
+        path = write_html(run_report(run_dir), run_dir / REPORT)
     except Exception as e:  # noqa: BLE001
         print(f"warning: could not write the run's report: {type(e).__name__}: {e}", file=sys.stderr)
         return None
     print(f"report   {path}")
     return path
-
-
-def _resolve_run(arg: str, runs: str | None) -> Path:
-    p = Path(arg)
-    if (p / "record.json").exists():
-        return p
-    if runs is not None and (Path(runs) / arg / "record.json").exists():
-        return Path(runs) / arg
-    if (Path("runs") / arg / "record.json").exists():
-        return Path("runs") / arg
-    raise UsageError(f"{arg!r} is neither a run directory (with record.json) nor a run id under "
-                     f"{runs or 'runs'!r}; pass the run's directory, e.g. runs/<run-id>.")
-
-
-def cmd_report(args) -> int:
-    if bool(args.run) == bool(args.leaderboard):
-        raise UsageError("give either a run (directory or id) or --leaderboard NAME, not "
-                         + ("both." if args.run else "neither."))
-    if args.leaderboard:
-        parts = ["cfbench", "report", "--leaderboard", args.leaderboard]
-        if args.leaderboards != "leaderboards":
-            parts += ["--leaderboards", args.leaderboards]
-        if args.out:
-            parts += ["--out", args.out]
-        html = leaderboard_report(args.leaderboard, leaderboards=args.leaderboards,
-                                  command=" ".join(shlex.quote(p) for p in parts))
-        # Only a real ``.json`` path loses its suffix: names such as digits-cnn8-Linf-0.1 contain dots.
-        lb_name = Path(args.leaderboard)
-        stem = lb_name.stem if lb_name.suffix == ".json" else lb_name.name
-        out = Path(args.out) if args.out else Path("reports") / f"leaderboard-{stem}.html"
-    else:
-        run_dir = _resolve_run(args.run, args.runs)
-        parts = ["cfbench", "report", str(run_dir)]
-        if args.runs:
-            parts += ["--runs", args.runs]
-        if args.out:
-            parts += ["--out", args.out]
-        html = run_report(run_dir, runs=args.runs, command=" ".join(shlex.quote(p) for p in parts))
-        out = Path(args.out) if args.out else Path("reports") / f"{run_dir.resolve().name}.html"
-    path = write_report(html, out)
-    print(f"report   {path}")
-    return 0
-
-
-def add_subparser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report", help="write a self-contained HTML report of a run or a leaderboard",
-        description="Write one self-contained HTML file (figures embedded, no network access needed) for a run "
-                    "or for a leaderboard built by `cfbench leaderboard`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", nargs="?", default=None, help="run directory (with record.json) or run id")
-    p.add_argument("--leaderboard", default=None, metavar="NAME",
-                   help="report on leaderboard NAME (a file stem in --leaderboards, or a path to its .json)")
-    p.add_argument("--leaderboards", default="leaderboards", help="directory of leaderboards")
-    p.add_argument("--runs", default=None,
-                   help="directory of run folders: where a run id is looked up and where the runs compared with "
-                        "this one are found (default: the run directory's parent)")
-    p.add_argument("--out", default=None,
-                   help="output file (default: reports/<run-id>.html or reports/leaderboard-<name>.html)")
-    p.set_defaults(func=cmd_report)

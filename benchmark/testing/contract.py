@@ -62,9 +62,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import torch
 
-from . import PLUGIN_API_VERSION
-from . import params as P
-from .errors import UsageError
+from .. import PLUGIN_API_VERSION
+from .. import params as P
+from ..errors import UsageError
 
 __all__ = ["check_defense", "quick_settings", "set_string", "ContractError", "ContractReport"]
 
@@ -156,10 +156,10 @@ def _fail(cls, rule: str, detail: str) -> ContractError:
 
 
 def _check_metadata(cls) -> None:
-    from .defense import Defense
+    from ..defenses.base import Defense
 
     if not (isinstance(cls, type) and issubclass(cls, Defense)):
-        raise _fail(cls, "metadata", f"{cls!r} is not a subclass of cfbench.defense.Defense.")
+        raise _fail(cls, "metadata", f"{cls!r} is not a subclass of cfbench.defenses.Defense.")
     name = getattr(cls, "name", "")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise _fail(cls, "metadata", f"name = {name!r}; it must match {NAME_RE.pattern} "
@@ -180,7 +180,7 @@ def _check_metadata(cls) -> None:
 
 
 def _check_params(cls, report: ContractReport) -> None:
-    from .config import BASE_SECTIONS
+    from ..config import BASE_SECTIONS
 
     pc = getattr(cls, "Params", None)
     if not (isinstance(pc, type) and dataclasses.is_dataclass(pc)):
@@ -280,13 +280,13 @@ def _check_round_trip(cls, base: dict[str, Any]) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _digits():
-    from .data.specs import Digits
+    from ..data.specs import Digits
 
     return Digits().load()
 
 
 def _state(model) -> dict[str, torch.Tensor]:
-    from .training import unwrap
+    from ..models import unwrap
 
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
@@ -316,25 +316,24 @@ class _Setup:
 
 
 def _fit(s: _Setup, *, epochs: int, ckpt: Path, cls=None):
-    from .defense import FitContext
-    from .models import build_model
-    from .runner import threat_of
+    from ..execution.local import run_jobs
+    from ..models import build_model
+    from ..training.context import FitContext
+    from ..training.recipe import threat_of
 
     cls = cls or s.cls
     torch.manual_seed(s.cfg.seed)
     model = build_model(s.cfg.model, s.ds.shape, s.ds.num_classes, s.ds.mean, s.ds.std,
                         P.to_dict(s.cfg.model_params))
     initial = _state(model)
-    train = dataclasses.replace(s.cfg.resolved_train(), epochs=epochs)
-    # what cfbench.runner.fit_recipe passes besides (the fields exist from plugin API 1 on
-    # cfbench versions that give defenses the run's config and data)
-    run_fields = {"config": s.cfg, "data": s.data,
-                  "pool_positions": None if s.data is None else s.data.member_mask.nonzero()[0]}
-    known = {f.name for f in dataclasses.fields(FitContext)}
+    train = dataclasses.replace(s.cfg.train, epochs=epochs)
+    # what cfbench.training.recipe.fit_recipe passes in a run: the config, the data, the
+    # positions of the training examples in the pool, and an executor for declared jobs
     ctx = FitContext(threat=threat_of(s.cfg), train=train, device=s.device, seed=s.cfg.seed,
                      num_classes=s.ds.num_classes, augmentation="shift", checkpoint_dir=ckpt,
-                     cache_dir=s.root / "cache", progress=False, desc="contract",
-                     **{k: v for k, v in run_fields.items() if k in known})
+                     cache_dir=s.root / "cache", progress=False, desc="contract", config=s.cfg, data=s.data,
+                     pool_positions=None if s.data is None else s.data.member_mask.nonzero()[0],
+                     run_jobs=run_jobs)
     defense = cls(s.params)
     try:
         defense.fit(model, s.x, s.y, ctx)
@@ -374,8 +373,8 @@ def check_defense(defense_cls, params: dict[str, Any] | None = None, *, n_train:
 
 def _check_defense(defense_cls, params, *, n_train, epochs, batch_size, model, model_params, seed, norm, eps,
                    device, check_resume) -> ContractReport:
-    from .config import DataParams, RunConfig, ThreatParams, TrainParams
-    from .defense import Defense
+    from ..config import DataParams, RunConfig, ThreatParams, TrainParams
+    from ..defenses.base import Defense
 
     t0 = time.perf_counter()
     cls = defense_cls
@@ -397,15 +396,24 @@ def _check_defense(defense_cls, params, *, n_train, epochs, batch_size, model, m
     model = model or getattr(cls, "contract_model", None) or "cnn8"
     if model == "cnn8" and model_params is None:
         model_params = {"width": 8}  # a narrow cnn8 keeps every contract fit well under a second
-    from .registry import get
+    from ..data.specs import Digits
+    from ..registry import get
 
-    model_params_obj = P.build(get("model", model).Params, model_params or {}, where="model.")
+    model_cls = get("model", model)
+    model_params_obj = P.build(model_cls.Params, model_params or {}, where="model.")
+    # resolved by hand (the class under test need not be registered)
     cfg = RunConfig(dataset="digits", defense=cls.name, model=model, seed=seed, defense_params=defense_params,
                     model_params=model_params_obj,
                     train=TrainParams(epochs=epochs, batch_size=batch_size, lr=0.05),
                     threat=ThreatParams(norm=norm, eps=eps),  # type: ignore[arg-type]
                     data=DataParams(pool_size=2 * n_train, test_size=100), evaluators=(),
-                    evaluator_params={}, device=device)
+                    evaluator_params={}, device=device,
+                    components={"dataset": {"name": "digits", "version": Digits.version},
+                                "model": {"name": model, "version": model_cls.version},
+                                "defense": {"name": cls.name, "version": getattr(cls, "version", 1)},
+                                "evaluators": {}},
+                    dataset_info={"shape": list(Digits.shape), "num_classes": Digits.num_classes,
+                                  "augmentation": Digits.augmentation})
     if getattr(cls.check_config, "__func__", None) is not Defense.check_config.__func__:
         try:
             cls.check_config(cfg)
@@ -414,7 +422,7 @@ def _check_defense(defense_cls, params, *, n_train, epochs, batch_size, model, m
                                              f"{norm} eps={eps}, {settings}): {e}") from e
         report.passed.append("check_config")
 
-    from .data.splits import make_split
+    from ..data.splits import make_split
 
     ds = _digits()
     # a run's split in miniature: a pool of 2 * n_train, half of it members (the training set)
@@ -445,7 +453,7 @@ def _check_defense(defense_cls, params, *, n_train, epochs, batch_size, model, m
         if out.shape != (min(32, len(x)), ds.num_classes) or not torch.isfinite(out).all():
             raise _fail(cls, "fit", f"the trained model's logits are {tuple(out.shape)} or non-finite.")
         for what, d in (("metrics", ctx_a.metrics), ("notes", ctx_a.notes)):
-            from .results import _clean
+            from ..store.io import clean as _clean
 
             try:
                 json.dumps(_clean(copy.deepcopy(d)), allow_nan=False)

@@ -10,22 +10,17 @@ pure functions of (seed, epoch, step), the resumed run is identical to an uninte
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from .defense import Batch, FitContext
-from .errors import TrainingDiverged
-
-CKPT_NAME = "last.safetensors"
+from ..errors import TrainingDiverged
+from .checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
+from .context import Batch, FitContext
 
 
 def lr_at(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
@@ -70,62 +65,6 @@ def make_optimizer(model: torch.nn.Module, train_params) -> torch.optim.Optimize
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-# -- checkpoints -------------------------------------------------------------------------
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip wrappers such as Opacus' GradSampleModule (whose weights carry `_module.`)."""
-    while hasattr(model, "_module") and isinstance(model._module, torch.nn.Module):
-        model = model._module
-    return model
-
-
-def save_checkpoint(path: Path, model, optimizer, epoch: int, history: list, state=None,
-                    extra: dict | None = None) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in unwrap(model).state_dict().items():
-        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
-    opt = optimizer.state_dict()
-    opt_scalars: dict[str, Any] = {}
-    for idx, st in opt["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                opt_scalars[f"{idx}.{k}"] = v
-    tensors["rng.torch"] = torch.get_rng_state()
-    if state is not None:
-        for k, v in state.state_tensors().items():
-            tensors[f"defense.{k}"] = v.detach().cpu().contiguous()
-    meta = {"epoch": epoch, "history": history, "param_groups": opt["param_groups"],
-            "opt_scalars": opt_scalars, "extra": extra or {}}
-    tmp = path.with_suffix(".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata={"cfbench": json.dumps(meta, default=str)})
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, model, optimizer, state=None) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["cfbench"])
-    tensors = load_file(str(path))
-    unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
-    for k, v in meta["opt_scalars"].items():
-        idx, name = k.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if state is not None:
-        state.load_state_tensors({k[8:]: v for k, v in tensors.items() if k.startswith("defense.")})
-    return meta
 
 
 # -- the loop ----------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .format import isfinite
+
 #: colour of each defense family (``components.defense.family``); anything else is "other"
 FAMILY_COLORS = {
     "erm": "#6b6b6b",
@@ -47,10 +49,6 @@ def data_uri(fig: Figure) -> str:
     FigureCanvasAgg(fig)  # render with Agg whatever pyplot's backend is
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------------------------- ROC
@@ -103,7 +101,7 @@ def roc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
 def pareto_front_2d(xs: Sequence[float], ys: Sequence[float], maximize_x: bool, maximize_y: bool) -> list[int]:
     """Indices of the points not dominated in the plane, ordered by x (for a staircase)."""
     pts = [(i, x if maximize_x else -x, y if maximize_y else -y)
-           for i, (x, y) in enumerate(zip(xs, ys)) if _finite(x) and _finite(y)]
+           for i, (x, y) in enumerate(zip(xs, ys)) if isfinite(x) and isfinite(y)]
     front = [i for i, x, y in pts
              if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for _, x2, y2 in pts)]
     return sorted(front, key=lambda i: xs[i])
@@ -125,7 +123,7 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
     ax = fig.add_subplot()
     sx = 100.0 if percent_x else 1.0
     sy = 100.0 if percent_y else 1.0
-    shown = [p for p in points if _finite(p.get(x)) and _finite(p.get(y))]
+    shown = [p for p in points if isfinite(p.get(x)) and isfinite(p.get(y))]
     seen_families: set[str] = set()
     for p in shown:
         fam = p.get("family") or "other"
@@ -133,10 +131,10 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
             fam = "other"
         px, py = p[x] * sx, p[y] * sy
         xerr = yerr = None
-        if p.get(x + "_err") and all(_finite(v) for v in p[x + "_err"]):
+        if p.get(x + "_err") and all(isfinite(v) for v in p[x + "_err"]):
             lo, hi = p[x + "_err"]
             xerr = [[max(px - lo * sx, 0)], [max(hi * sx - px, 0)]]
-        if p.get(y + "_err") and all(_finite(v) for v in p[y + "_err"]):
+        if p.get(y + "_err") and all(isfinite(v) for v in p[y + "_err"]):
             lo, hi = p[y + "_err"]
             yerr = [[max(py - lo * sy, 0)], [max(hi * sy - py, 0)]]
         color = family_color(fam)
@@ -176,12 +174,12 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
 # ------------------------------------------------------------------------ training curves
 def training_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
     """Per-epoch training loss, training accuracy (when recorded) and learning rate."""
-    rows = [h for h in history if _finite(h.get("epoch")) and _finite(h.get("loss"))]
+    rows = [h for h in history if isfinite(h.get("epoch")) and isfinite(h.get("loss"))]
     if not rows:
         return None
     ep = [h["epoch"] for h in rows]
-    has_acc = any(_finite(h.get("train_accuracy")) for h in rows)
-    has_lr = any(_finite(h.get("lr")) for h in rows)
+    has_acc = any(isfinite(h.get("train_accuracy")) for h in rows)
+    has_lr = any(isfinite(h.get("lr")) for h in rows)
     n = 1 + has_acc + has_lr
     fig = Figure(figsize=(3.3 * n, 2.9))
     axes = fig.subplots(1, n, squeeze=False)[0]
@@ -189,12 +187,12 @@ def training_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
     axes[0].set_title("training loss")
     k = 1
     if has_acc:
-        pts = [(h["epoch"], 100 * h["train_accuracy"]) for h in rows if _finite(h.get("train_accuracy"))]
+        pts = [(h["epoch"], 100 * h["train_accuracy"]) for h in rows if isfinite(h.get("train_accuracy"))]
         axes[k].plot(*zip(*pts), "-o", ms=3, color="#2ca02c")
         axes[k].set_title("training accuracy (%)")
         k += 1
     if has_lr:
-        pts = [(h["epoch"], h["lr"]) for h in rows if _finite(h.get("lr"))]
+        pts = [(h["epoch"], h["lr"]) for h in rows if isfinite(h.get("lr"))]
         axes[k].plot(*zip(*pts), "-", color="#7f7f7f")
         axes[k].set_title("learning rate")
     for ax in axes:
@@ -207,7 +205,7 @@ def training_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
 # ------------------------------------------------------------------------------ AutoAttack
 def autoattack_figure(breakdown: Mapping[str, float]) -> str | None:
     """Robust accuracy after each AutoAttack stage, starting from clean accuracy."""
-    items = [(k, v) for k, v in breakdown.items() if _finite(v)]
+    items = [(k, v) for k, v in breakdown.items() if isfinite(v)]
     if not items:
         return None
     fig = Figure(figsize=(5.4, 2.8))

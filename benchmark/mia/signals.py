@@ -36,14 +36,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..attacks.pgd import pgd
+from ..hashing import canonical_hash
+from ..models import unwrap
+from ..store.io import atomic_write_bytes, clean
 
 __all__ = [
     "SIGNALS_VERSION",
@@ -122,7 +125,6 @@ def adversarial_logits(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     The shared PGD (:func:`cfbench.attacks.pgd.pgd`) with the model in eval mode; the random
     start is drawn from torch's global RNG seeded with ``seed`` (restored afterwards).
     """
-    from ..attacks.pgd import pgd
 
     model.eval()
     out = []
@@ -142,8 +144,6 @@ def adversarial_logits(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 over a model's state dict (names, dtypes, shapes, bytes), wrappers stripped."""
-    from ..training import unwrap
-
     h = hashlib.sha256()
     for k, v in sorted(unwrap(model).state_dict().items()):
         t = v.detach().cpu().contiguous()
@@ -156,8 +156,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
 # the file cache
 # --------------------------------------------------------------------------------------------
 def signal_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
-    from ..config import canonical_hash
-
     return Path(cache_dir) / "signals" / f"{canonical_hash({'v': SIGNALS_VERSION, **key})}.safetensors"
 
 
@@ -177,16 +175,9 @@ def load_signals(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]
 
 
 def save_signals(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    from safetensors.numpy import save_file
+    """Numpy arrays as safetensors (``meta`` as JSON), through the store's atomic writer."""
+    from safetensors.numpy import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
-                  metadata={"cfbench": json.dumps(meta, default=str)})
-        os.chmod(tmp, 0o644)          # mkstemp makes 0600; the cache is shared by every run
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                metadata={"cfbench": json.dumps(clean(meta), default=str)})
+    atomic_write_bytes(path, data)

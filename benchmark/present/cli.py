@@ -1,0 +1,116 @@
+"""The ``cfbench leaderboard`` and ``cfbench report`` sub-commands.
+
+:func:`add_subparsers` adds both to the main parser of :mod:`cfbench.cli`; the work is done
+by :mod:`.leaderboard` / :mod:`.writers` (tables) and :mod:`.report` (HTML reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+from ..store import RECORD
+from .html import write_html
+from .leaderboard import build, command_for
+from .writers import to_markdown, write
+
+
+# ---------------------------------------------------------------------------- leaderboard
+def cmd_leaderboard(args) -> int:
+    boards = build(args.runs, args.dataset, runs_label=args.runs)
+    unusable = boards[0].unusable if boards else []
+    if unusable:  # the same files are listed in every table: warn once
+        print(f"warning: {len(unusable)} record file{'s' if len(unusable) != 1 else ''} under {args.runs} could "
+              "not be used and were left out (listed in each table's notes):", file=sys.stderr)
+        for e in unusable:
+            print(f"  {e['path']}: {e['reason']}", file=sys.stderr)
+    for lb in boards:
+        lb.command = command_for(lb.dataset, args.runs, args.out)
+        paths = write(lb, args.out)
+        if not args.quiet:
+            print(to_markdown(lb))
+        failed = len(lb.excluded) - len(lb.unusable)
+        print(f"wrote {paths['md']} (.csv .json .html): {len(lb.rows)} rows from {len(lb.records)} runs"
+              + (f"; {failed} failed/unfinished excluded" if failed else "")
+              + (f"; {len(lb.unusable)} unusable record files left out" if lb.unusable else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------------- report
+def _resolve_run(arg: str, runs: str | None) -> Path:
+    p = Path(arg)
+    if (p / RECORD).exists():
+        return p
+    if runs is not None and (Path(runs) / arg / RECORD).exists():
+        return Path(runs) / arg
+    if (Path("runs") / arg / RECORD).exists():
+        return Path("runs") / arg
+    raise UsageError(f"{arg!r} is neither a run directory (with record.json) nor a run id under "
+                     f"{runs or 'runs'!r}; pass the run's directory, e.g. runs/<run-id>.")
+
+
+def cmd_report(args) -> int:
+    # imported here: matplotlib loads only when a report is written, not for every command
+    from .report import leaderboard_report, run_report
+
+    if bool(args.run) == bool(args.leaderboard):
+        raise UsageError("give either a run (directory or id) or --leaderboard NAME, not "
+                         + ("both." if args.run else "neither."))
+    if args.leaderboard:
+        parts = ["cfbench", "report", "--leaderboard", args.leaderboard]
+        if args.leaderboards != "leaderboards":
+            parts += ["--leaderboards", args.leaderboards]
+        if args.out:
+            parts += ["--out", args.out]
+        html = leaderboard_report(args.leaderboard, leaderboards=args.leaderboards,
+                                  command=" ".join(shlex.quote(p) for p in parts))
+        # Only a real ``.json`` path loses its suffix: names such as digits-cnn8-Linf-0.1 contain dots.
+        lb_name = Path(args.leaderboard)
+        stem = lb_name.stem if lb_name.suffix == ".json" else lb_name.name
+        out = Path(args.out) if args.out else Path("reports") / f"leaderboard-{stem}.html"
+    else:
+        run_dir = _resolve_run(args.run, args.runs)
+        parts = ["cfbench", "report", str(run_dir)]
+        if args.runs:
+            parts += ["--runs", args.runs]
+        if args.out:
+            parts += ["--out", args.out]
+        html = run_report(run_dir, runs=args.runs, command=" ".join(shlex.quote(p) for p in parts))
+        out = Path(args.out) if args.out else Path("reports") / f"{run_dir.resolve().name}.html"
+    path = write_html(html, out)
+    print(f"report   {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- parsers
+def add_subparsers(subparsers) -> None:
+    """Add the ``leaderboard`` and ``report`` sub-commands to ``subparsers``."""
+    p = subparsers.add_parser(
+        "leaderboard", help="aggregate stored records into leaderboard tables",
+        description="Aggregate the finished records under --runs that share a protocol (dataset, model, threat "
+                    "model, data split, evaluators) into tables: <out>/<name>.{md,csv,json,html}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=None, help="only records of this dataset (default: every dataset)")
+    p.add_argument("--runs", default="runs", help="directory of run folders (as written by `cfbench run --out`)")
+    p.add_argument("--out", default="leaderboards", help="directory the tables are written to")
+    p.add_argument("--quiet", action="store_true", help="do not print the tables, only the paths")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = subparsers.add_parser(
+        "report", help="write a self-contained HTML report of a run or a leaderboard",
+        description="Write one self-contained HTML file (figures embedded, no network access needed) for a run "
+                    "or for a leaderboard built by `cfbench leaderboard`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", nargs="?", default=None, help="run directory (with record.json) or run id")
+    p.add_argument("--leaderboard", default=None, metavar="NAME",
+                   help="report on leaderboard NAME (a file stem in --leaderboards, or a path to its .json)")
+    p.add_argument("--leaderboards", default="leaderboards", help="directory of leaderboards")
+    p.add_argument("--runs", default=None,
+                   help="directory of run folders: where a run id is looked up and where the runs compared with "
+                        "this one are found (default: the run directory's parent)")
+    p.add_argument("--out", default=None,
+                   help="output file (default: reports/<run-id>.html or reports/leaderboard-<name>.html)")
+    p.set_defaults(func=cmd_report)
