@@ -7,7 +7,7 @@ setup:
 demo: setup
 	.venv/bin/cfbench run --defense pgd-at --dataset digits
 
-# The full suite, slow end-to-end checks and the browser test included (about N minutes here).
+# The full suite, slow end-to-end checks and the browser test included.
 test:
 	@CFBENCH_BROWSER=1 bash scripts/setup.sh
 	.venv/bin/python -m pytest -m "" -q

@@ -202,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs", help="directory of run folders; default runs/")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="typed hyper-parameter of the defense, training, threat model, data or an evaluator, "
-                        "e.g. --set eps=0.1 --set epochs=20 --set steps=10 (repeatable)")
+                        "e.g. --set eps=0.1 --set epochs=20 --set defense.steps=10 (repeatable; a bare key must be unambiguous)")
     r.add_argument("--evaluators", default=None,
-                   help="comma-separated evaluators; default clean,pgd,autoattack (plus mia when available)")
+                   help="comma-separated evaluators; default clean,pgd,autoattack,mia")
     r.add_argument("--data-dir", default=None, help="directory with dataset files (IDX, cifar-10-batches-py)")
     r.add_argument("--download", action="store_true", help="download the dataset through torchvision if installed")
     r.add_argument("--force", action="store_true", help="recompute even if a finished run with this config exists")

@@ -3,6 +3,7 @@ the example plugin pass it, and each rule catches the bug it is meant to catch."
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from dataclasses import dataclass
@@ -242,3 +243,59 @@ def test_a_fit_that_raises_is_reported_with_its_settings():
     with pytest.raises(ContractError, match=r"\[fit\]: fit \(1 epoch\(s\), digits, cnn8, settings \{'beta': 1.0\}\) "
                                             r"raised TrainingDiverged: training loss became nan"):
         check_defense(Diverges)
+
+
+# -- every registered model and evaluator passes its contract too (timm / scikit-learn style) --
+
+@pytest.mark.parametrize("name", registry("model").names())
+def test_every_registered_model_passes_the_model_contract(name):
+    from cfbench.testing import check_model
+
+    checked = check_model(get("model", name))
+    assert checked  # at least one (channels, size) combination was built and checked
+
+
+@pytest.mark.parametrize("name", registry("evaluator").names())
+def test_every_registered_evaluator_passes_the_evaluator_contract(name):
+    from cfbench.testing import check_evaluator
+
+    metrics = check_evaluator(get("evaluator", name))
+    assert metrics
+
+
+def test_the_model_contract_catches_state_outside_the_state_dict():
+    from cfbench.models.small import SmallCNN8
+    from cfbench.testing import check_model
+
+    class Leaky(SmallCNN8):
+        name = "leaky"
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.scale = float(torch.rand(()))   # not a buffer: lost on save
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    with pytest.raises(ContractError, match="reloaded state dict gives other logits"):
+        check_model(Leaky)
+
+
+def test_the_evaluator_contract_catches_a_metric_outside_the_namespace():
+    from cfbench.evaluators.base import EvalResult, Evaluator
+    from cfbench.testing import check_evaluator
+
+    @dataclasses.dataclass(frozen=True)
+    class NoParams:
+        pass
+
+    class Sneaky(Evaluator):
+        name = "sneaky"
+        description = "writes another evaluator's number"
+        Params = NoParams
+
+        def evaluate(self, ctx):
+            return EvalResult(metrics={"clean.accuracy": 1.0})
+
+    with pytest.raises(ContractError, match="'clean.accuracy' outside its namespace 'sneaky'"):
+        check_evaluator(Sneaky)

@@ -387,3 +387,20 @@ def test_bad_record_files_are_listed_not_fatal(tmp_path, capsys):
     out = capsys.readouterr()
     assert "4 record files" in out.err and str(runs / "null" / "record.json") in out.err
     assert "4 unusable record files left out" in out.out
+
+
+def test_schema_1_records_still_load_and_rebuild_the_committed_table(tmp_path):
+    """The committed digits records were written with schema version 1; read through the
+    store they are upgraded to the current schema and rebuild the committed table exactly."""
+    from cfbench.store import SCHEMA_VERSION, iter_records
+
+    committed = Path(__file__).resolve().parents[1] / "leaderboards"
+    raw = [json.loads(p.read_text()) for p in sorted((committed / "runs").rglob("record.json"))]
+    assert raw and all(r["schema_version"] == 1 for r in raw)
+    recs = list(iter_records(committed / "runs"))
+    assert len(recs) == len(raw) and all(r["schema_version"] == SCHEMA_VERSION == 2 for r in recs)
+    assert all(r["jobs"] == [] and r["examples"] == [] for r in recs)
+    boards = build(committed / "runs", "digits", runs_label="leaderboards/runs")
+    assert len(boards) == 1
+    paths = write(boards[0], tmp_path)
+    assert paths["md"].read_text() == (committed / paths["md"].name).read_text()

@@ -392,3 +392,31 @@ def test_example_mart_loss_matches_the_papers_formula_example_by_example(monkeyp
     assert grad.abs().sum() > 0
     assert mart_loss(logits, logits_adv, y, 0.0).item() == pytest.approx(sum(bce) / 6, rel=1e-9)
     sys.modules.pop("cfbench_mart", None)
+
+
+def test_a_plugin_evaluator_cannot_overwrite_another_evaluators_metric(tmp_path, capsys):
+    f = tmp_path / "sneaky.py"
+    f.write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from cfbench.evaluators.base import EvalResult, Evaluator
+
+        @dataclass(frozen=True)
+        class P:
+            pass
+
+        class Sneaky(Evaluator):
+            name = "sneaky"
+            description = "claims a perfect clean accuracy"
+            Params = P
+
+            def evaluate(self, ctx):
+                return EvalResult(metrics={"clean.accuracy": {"value": 1.0}})
+    '''), encoding="utf-8")
+    out = tmp_path / "runs"
+    args = [a for a in TINY_RUN]
+    args[args.index("--evaluators") + 1] = "clean,sneaky"
+    assert main(["--plugin", str(f), "run", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert "'clean.accuracy' outside its namespace 'sneaky'" in err
+    rec = json.loads(next(out.rglob("record.json")).read_text())
+    assert rec["status"] == "failed" and "namespace" in rec["reason"]   # never a leaderboard row

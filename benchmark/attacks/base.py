@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
+from ..component import Component
 
 @dataclass(frozen=True)
 class ThreatModel:
@@ -16,17 +16,9 @@ class ThreatModel:
     eps: float
 
 
-class Attack:
+class Attack(Component):
     """An adversarial attack: ``perturb(model, x, y, threat) -> x_adv`` (inputs in [0, 1])."""
 
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    version: ClassVar[int] = 1
-    api_version: ClassVar[int] = 1
-    Params: ClassVar[type]
-
-    def __init__(self, params=None):
-        self.params = params if params is not None else self.Params()
 
     def perturb(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                 threat: ThreatModel) -> torch.Tensor:

@@ -34,23 +34,16 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..component import Component
 from ..training.context import Batch, FitContext
 
 __all__ = ["Defense", "AdversarialDefense", "compose", "Batch", "FitContext"]
 
-class Defense:
+class Defense(Component):
     """Base class of defenses (see the module docstring for the contract)."""
 
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    version: ClassVar[int] = 1
-    api_version: ClassVar[int] = 1
-    Params: ClassVar[type]
     #: family used to colour plots and group leaderboards ("erm", "adversarial", "dp", "privacy", ...)
     family: ClassVar[str] = "other"
-
-    def __init__(self, params=None):
-        self.params = params if params is not None else self.Params()
 
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: Batch):
         """Mean training loss of a batch; may return ``(loss, logits)`` for accuracy tracking."""

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..component import Component
 from ..attacks.base import ThreatModel
 from ..mia.metrics import proportion  # noqa: F401 - part of the evaluator API (clean, robust use it)
 
@@ -61,12 +62,7 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class Evaluator:
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    version: ClassVar[int] = 1
-    api_version: ClassVar[int] = 1
-    Params: ClassVar[type]
+class Evaluator(Component):
     #: prefix of every metric key (None: the evaluator's name); see the module docstring
     namespace: ClassVar[str | None] = None
 
@@ -77,9 +73,6 @@ class Evaluator:
             raise ValueError(f"evaluator {cls.name!r}: namespace {ns!r} must be {cls.name!r} or end in "
                              f"'.{cls.name}'")
         return ns
-
-    def __init__(self, params=None):
-        self.params = params if params is not None else self.Params()
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         raise NotImplementedError

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from ..hashing import canonical_json
+from ..store.io import clean
 from ..store import atomic_write_text
 from .format import fmt_epsilon, fmt_metric, fmt_seconds
 from .html import render_template, write_html
@@ -134,22 +134,14 @@ def to_csv(lb: Leaderboard) -> str:
 
 # -------------------------------------------------------------------------------- JSON
 def _json_num(v: Any) -> Any:
-    if v is None:
-        return None
+    """A table cell as JSON: pandas' NA is None, the rest as the store writes numbers."""
     try:
         import pandas as pd
         if v is pd.NA:
             return None
     except ImportError:  # pragma: no cover
         pass
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float):
-        if math.isnan(v):
-            return None
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-    return v
+    return clean(v)
 
 
 def _rel(path: Any, runs: str) -> str | None:
