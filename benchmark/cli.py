@@ -116,19 +116,37 @@ def cmd_run(args) -> int:
     if threads:
         import torch
         torch.set_num_threads(threads)
+    from .execution.local import make_executor
+
+    # workers of a pool train small models with one thread each (what makes N processes use N cores)
+    executor = make_executor(args.executor, workers=args.workers, address=args.address, progress=progress,
+                             threads=threads or 1)
     try:
         outcome = execute(cfg, args.out, force=args.force, progress=progress,
-                          log=(lambda *a: print(*a, file=sys.stderr)))
+                          log=(lambda *a: print(*a, file=sys.stderr)), executor=executor)
     except UsageError:
         raise
     except CfbenchError as e:
-        print(f"cfbench: run failed: {e}\n  record: {Path(args.out) / cfg.run_id() / 'record.json'}", file=sys.stderr)
+        from .runner import attempt_dir
+
+        print(f"cfbench: run failed: {e}\n  record: {attempt_dir(args.out, cfg.run_id(), args.force) / 'record.json'}",
+              file=sys.stderr)
         return 1
+    finally:
+        executor.close()
     print_summary(outcome.record, outcome.run_dir, outcome.reused)
     from .present.report import report_after_run  # <run-dir>/report.html; a failure only warns
 
     report_after_run(outcome.run_dir)
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    rows = sweep(args.grid, out=args.out, executor=args.executor, workers=args.workers, address=args.address,
+                 leaderboards=args.leaderboards, dry_run=args.dry_run)
+    return 0 if all(r["status"] == "ok" for _, r in rows) else 1
 
 
 def _print_dataset_defaults(name: str) -> None:
@@ -180,6 +198,15 @@ def cmd_list(args) -> int:
     return 0
 
 
+def add_executor_options(p: argparse.ArgumentParser, *, what: str) -> None:
+    p.add_argument("--executor", default="local", metavar="{local,ray}",
+                   help=f"who runs {what}: local (a process pool on this machine; default) or ray")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="local: worker processes (default: the machine's cores); ray: CPUs of a new local Ray instance")
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="ray: the address of an existing Ray cluster (default: start a local one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -212,12 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch intra-op CPU threads (default: 1 for models under 1M parameters on CPU, "
                         "torch's choice otherwise)")
+    add_executor_options(r, what="the training jobs a run declares (membership reference models, DeMem's oracle)")
     r.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("sweep", help="a grid of runs (TOML), locally or on Ray, then its leaderboards",
+                        description="Run every point of a grid file (see cfbench.sweep): finished runs are "
+                                    "skipped by config hash; a summary table and the leaderboards at the end.")
+    sw.add_argument("grid", help="the grid file (TOML)")
+    sw.add_argument("--out", default="runs", help="directory of run folders; default runs/")
+    sw.add_argument("--leaderboards", default=None, help="where the leaderboards go (default OUT/leaderboards)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")
+    add_executor_options(sw, what="the runs (one process or Ray task per run)")
+    sw.set_defaults(func=cmd_sweep)
 
     ls = sub.add_parser("list", help="registered defenses, datasets, models, attacks and evaluators")
     ls.add_argument("kind", nargs="?", help="only this kind: defense, dataset, model, attack, evaluator")
     ls.set_defaults(func=cmd_list)
-    for sp in (r, ls):  # `cfbench run --plugin f.py ...` works as well as `cfbench --plugin f.py run ...`
+    for sp in (r, sw, ls):  # `cfbench run --plugin f.py ...` works as well as `cfbench --plugin f.py run ...`
         sp.add_argument("--plugin", dest="plugin_here", action="append", default=[], metavar="FILE.py",
                         help="load components from a local Python file (repeatable)")
 
@@ -245,13 +283,64 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in args.plugin + getattr(args, "plugin_here", []):
             load_plugin_file(path)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows up here, not at exit
+        return code
+    except BrokenPipeError as e:
+        if _stdout_closed():
+            return _closed_pipe()
+        print(f"cfbench: error: {_os_error_text(e)}", file=sys.stderr)
+        return 1
     except (UsageError, PluginError) as e:
         print(f"cfbench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cfbench: interrupted; run the same command again to resume from the last checkpoint.", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment: full disk, read-only file system, no permission, ...
+        print(f"cfbench: error: {_os_error_text(e)}", file=sys.stderr)
+        return 1
+
+
+def _stdout_closed() -> bool:
+    """True if stdout is a pipe whose reader has gone (not some other broken pipe)."""
+    try:
+        import select
+
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``cfbench list | head -1``): stop quietly, as a process
+    killed by SIGPIPE would (status 141), without Python's traceback or its flush warning."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
+def _os_error_text(e: OSError) -> str:
+    """``<what failed>: <path>`` and, for the usual environment errors, what to do."""
+    import errno
+
+    what = e.strerror or str(e)
+    where = f": {e.filename}" if e.filename else ""
+    hint = {errno.ENOSPC: "free some space and run the same command again (finished work is kept, "
+                          "an interrupted run resumes)",
+            errno.EDQUOT: "free some space and run the same command again",
+            errno.EROFS: "the file system is read-only; give a writable directory (e.g. --out DIR)",
+            errno.EACCES: "no permission to write there; give a directory you can write to (e.g. --out DIR)",
+            errno.EPERM: "no permission to write there; give a directory you can write to (e.g. --out DIR)",
+            }.get(e.errno)
+    return f"{what}{where}" + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ KINDS = {
 #: kinds whose classes carry a ``Params`` dataclass of typed hyper-parameters
 KINDS_WITH_PARAMS = ("defense", "model", "attack", "evaluator")
 
+#: a component name: it becomes part of run ids, hence of folder names, so no ``/``, no
+#: leading dot, nothing a shell or a file system treats specially
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"
+_NAME_RE = re.compile(NAME_PATTERN + r"\Z")
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name a component (None if it can)."""
+    if isinstance(name, str) and _NAME_RE.match(name) and len(name) <= 100:
+        return None
+    return (f"the name {name!r} is not a valid component name: names must match {NAME_PATTERN} "
+            "(lower-case letters, digits, '.', '_' and '-', starting with a letter or a digit; at most "
+            "100 characters), because they become part of run folder names")
+
 
 class PluginWarning(UserWarning):
     """A plugin could not be loaded; the rest of cfbench still works."""
@@ -98,7 +112,7 @@ class Entry:
                 raise PluginError(self._failure())
             try:
                 self.obj = _resolve(self.target)  # type: ignore[arg-type]
-            except Exception as e:  # noqa: BLE001 - report any import failure of a plugin
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - report any import failure of a plugin
                 self.error = _describe_exception(e)
                 raise PluginError(self._failure()) from e
         return self.obj
@@ -254,7 +268,9 @@ def _discover(regs: dict[str, Registry]) -> None:
             found.append((ep.group, ep.name, ep.value, dname, dist.version))
     for group, name, value, dname, dver in sorted(found, key=lambda t: tuple(v or "" for v in t)):
         reg = groups[group]
-        reg.add(Entry(reg.kind, name, f"{dname} {dver}", dname, dver, target=value), strict=False)
+        # an invalid name is listed with its error and refused when used (never a folder name)
+        reg.add(Entry(reg.kind, name, f"{dname} {dver}", dname, dver, target=value, error=name_problem(name)),
+                strict=False)
 
 
 def registries() -> dict[str, Registry]:
@@ -317,6 +333,9 @@ def _load_file_into(regs: dict[str, Registry], path: str) -> list[Entry]:
         exec(compile(data, path, "exec"), module.__dict__)  # noqa: S102 - a file the user named
     except BaseException as e:
         del sys.modules[modname]
+        if isinstance(e, SystemExit):  # a plugin must never end the process (or pick its exit status)
+            raise PluginError(f"plugin file {path} called sys.exit({e.code!r}) while being imported "
+                              f"({_describe_exception(e)}); a plugin must not exit.") from None
         if not isinstance(e, Exception):
             raise
         raise PluginError(f"plugin file {path} failed to import: {_describe_exception(e)}") from e
@@ -334,6 +353,9 @@ def _load_file_into(regs: dict[str, Registry], path: str) -> list[Entry]:
                 if not isinstance(name, str):
                     raise PluginError(f"{kind} class {obj.__qualname__} in {path} has name = {name!r}; "
                                       "a name must be a string.")
+                bad_name = name_problem(name)
+                if bad_name:
+                    raise PluginError(f"{kind} class {obj.__qualname__} in {path}: {bad_name}.")
                 entry = Entry(kind, name, path, None, getattr(obj, "plugin_version", None), obj=obj,
                               file=path, sha256=digest)
                 check_component(kind, entry, obj, base)
@@ -384,6 +406,11 @@ def list_components(kind: str) -> list[dict[str, Any]]:
         row.update(description=description, version=version, params=params)
         out.append(row)
     return out
+
+
+def plugin_files() -> list[str]:
+    """The ``--plugin`` files loaded so far, in order (worker processes load them too)."""
+    return list(_PLUGIN_FILES)
 
 
 def reset() -> None:

@@ -3,12 +3,13 @@
 A run is a pure function of its config: ``execute`` reuses a finished record with the same
 config hash instead of recomputing it, resumes an interrupted training from its last
 checkpoint, and records a failed run as failed (with its reason) -- a failed record is
-never reused and never enters a leaderboard.
+never reused and never enters a leaderboard.  The run folder's life -- one process per run
+id, ``--force`` in a staging folder swapped in only after success, recovery after a kill at
+any instant -- is :mod:`cfbench.store.lifecycle`.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import RunConfig
@@ -23,7 +25,11 @@ from .errors import UsageError
 from .evaluators.base import EvalContext
 from .execution.local import LocalExecutor
 from .registry import get, registry
-from .store import CACHE_DIR, EXAMPLES, MODEL, RECORD, SCHEMA_VERSION, read_record, versions, write_json
+from .store import CACHE_DIR, EXAMPLES, MODEL, RECORD, SCHEMA_VERSION, versions, write_json
+from .store.io import atomic_write_text, remove_stale_temps, save_npz_atomic
+from .store.lifecycle import (ERROR, clean_finished, finished_record, fresh_staging, recover, run_lock,
+                              staging_dir, swap_in, trash_dir)
+from .store.record import SPLITS
 from .store.examples import save_examples
 from .store.models import save_model
 from .training.recipe import fit_recipe, load_data, model_meta, threat_of
@@ -58,17 +64,58 @@ class RunOutcome:
 
 
 def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, progress: bool = True,
-            log=print) -> RunOutcome:
+            log=print, executor=None) -> RunOutcome:
+    """Run ``cfg`` into ``out`` (see the module docstring).  ``executor`` runs the training jobs
+    the evaluators and the defense declare (:mod:`cfbench.execution.local`, ``.ray_executor``);
+    default: in this process.  Jobs that evaluators declare up front (``declare_jobs``) are
+    submitted before the target trains, so a pool executor trains them on the other cores
+    while the target trains and while the other evaluators run."""
     out = Path(out)
     run_id = cfg.run_id()
-    run_dir = out / run_id
-    if (run_dir / RECORD).exists() and not force:
-        rec = read_record(run_dir)
-        if rec.get("status") == "ok":
-            return RunOutcome(rec, run_dir, True)
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = out / run_id
+    # one process per run id (a second identical run waits, then reuses the first one's record)
+    with run_lock(out, run_id, on_wait=lambda: log(f"waiting for another cfbench process working on {run_id} ...")):
+        for action in recover(out, run_id):  # what a killed process left half done
+            log(f"cfbench: {action}")
+        rec = None if force else finished_record(final_dir)  # an unreadable record = an unfinished run
+        if rec is not None:
+            clean_finished(final_dir)  # checkpoints left by a kill after the record's rename
+            return RunOutcome(rec, final_dir, True)
+        # --force works in a staging folder: a finished run is replaced only by a finished run
+        run_dir = fresh_staging(out, run_id) if force else final_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run_dir)
+        try:
+            record = _attempt(cfg, out, run_dir, run_id, progress=progress, log=log, executor=executor)
+        except BaseException:
+            if force and finished_record(final_dir) is not None:
+                log(f"cfbench: the finished run in {final_dir} is kept; this --force attempt is in {run_dir}")
+            raise
+        if force:
+            swap_in(run_dir, final_dir, trash_dir(out, run_id))
+            recover(out, run_id)  # removes the emptied staging / trash folders
+        clean_finished(final_dir)
+    return RunOutcome(record, final_dir, False)
+
+
+def attempt_dir(out: str | Path, run_id: str, force: bool) -> Path:
+    """Where an attempt of ``run_id`` writes (and a failed one leaves its record)."""
+    return staging_dir(out, run_id) if force else Path(out) / run_id
+
+
+def _record_failure(run_dir: Path, record: dict[str, Any], tb: str, log) -> None:
+    """The failed record and ``error.txt``, both atomic; if even they cannot be written (a full
+    disk), say so and leave nothing half-written: the original error is what is raised."""
+    try:
+        atomic_write_text(run_dir / ERROR, tb)
+        write_json(run_dir / RECORD, record)
+    except OSError as e:
+        log(f"cfbench: could not record the failure in {run_dir}: {e}")
+
+
+def _attempt(cfg: RunConfig, out: Path, run_dir: Path, run_id: str, *, progress: bool, log,
+             executor) -> dict[str, Any]:
+    """One attempt of the run in ``run_dir``: its record (written last), or the exception."""
     namespaces = {e: get("evaluator", e).metric_namespace() for e in cfg.evaluators}
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id,
@@ -83,15 +130,23 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
         "notes": {}, "history": [], "jobs": [], "examples": [],
     }
     declared: list[dict[str, Any]] = record["jobs"]
-    executor = LocalExecutor(progress=progress, on_job=lambda job: declared.append(job.describe()))
+    own_executor = executor is None
+    if own_executor:
+        executor = LocalExecutor(progress=progress)
+    executor.on_job = lambda job: declared.append(job.describe())
     timings = record["timings"]
     t_all = time.perf_counter()
     try:
         t0 = time.perf_counter()
         data = load_data(cfg)
-        data.save(run_dir / "splits.npz")
+        save_npz_atomic(run_dir / SPLITS, {"pool_idx": data.pool_idx, "member_mask": data.member_mask,
+                                           "test_idx": data.test_idx, "split_seed": np.array(data.split_seed)})
         record["splits"] = data.summary()
         timings["data"] = time.perf_counter() - t0
+        # jobs the evaluators can name from the recipe alone (MIA reference models): start them now
+        executor.submit([job for name in cfg.evaluators
+                         for job in get("evaluator", name)(cfg.evaluator_params[name]).declare_jobs(
+                             cfg, data, out / CACHE_DIR)])
 
         t0 = time.perf_counter()
         model, fctx = fit_recipe(cfg, data, data.x_train, data.y_train, seed=cfg.seed,
@@ -112,7 +167,7 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
 
         ectx = EvalContext(model=model, config=cfg, data=data, threat=threat_of(cfg), device=torch.device(cfg.device),
                            run_dir=run_dir, cache_dir=out / CACHE_DIR, seed=cfg.seed, progress=progress,
-                           run_jobs=executor.run)
+                           run_jobs=executor.run, defense_metrics=dict(fctx.metrics))
         for name in cfg.evaluators:
             t0 = time.perf_counter()
             ev = get("evaluator", name)(cfg.evaluator_params[name])
@@ -134,16 +189,21 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
         record["status"] = "ok"
     except KeyboardInterrupt:
         # no record: the checkpoints stay, and the next identical run resumes from them
+        if own_executor:
+            executor.close()
         raise
     except Exception as e:  # noqa: BLE001 - any failure is recorded, then re-raised
+        if own_executor:
+            executor.close()
         record["status"] = "failed"
         record["reason"] = f"{type(e).__name__}: {e}"
-        (run_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
         timings["total"] = time.perf_counter() - t_all
-        write_json(run_dir / RECORD, record)
+        _record_failure(run_dir, record, traceback.format_exc(), log)
         raise
     timings["total"] = time.perf_counter() - t_all
+    for job in declared:
+        job["executor"] = f"{executor.name}:{getattr(executor, 'modes', {}).get(job['path'], 'declared')}"
+    if own_executor:
+        executor.close()
     write_json(run_dir / RECORD, record)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    (run_dir / "error.txt").unlink(missing_ok=True)
-    return RunOutcome(record, run_dir, False)
+    return record

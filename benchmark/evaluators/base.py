@@ -51,6 +51,9 @@ class EvalContext:
     examples: dict[str, Any] = field(default_factory=dict)
     #: artifacts later evaluators may use (e.g. the path of the membership scores)
     shared: dict[str, Any] = field(default_factory=dict)
+    #: the metrics the defense recorded while training the target (read-only; e.g. ``dp.epsilon``
+    #: and ``dp.delta``, which the membership evaluator's DP audit sets its bound beside)
+    defense_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +63,8 @@ class EvalResult:
     notes: dict[str, Any] = field(default_factory=dict)
     #: extra timings in seconds (the harness records the evaluator's total itself)
     timings: dict[str, float] = field(default_factory=dict)
+    #: named sanity flags (:func:`cfbench.evaluators.sanity.flag`): merged by name into ``record["flags"]``
+    flags: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Evaluator(Component):
@@ -76,6 +81,12 @@ class Evaluator(Component):
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         raise NotImplementedError
+
+    def declare_jobs(self, cfg: RunConfig, data: RunData, cache_dir: Path) -> list[Any]:
+        """Training jobs this evaluator will need, named from the recipe alone (before the
+        target exists), so the executor can start them early; default none.  ``evaluate``
+        still hands them to ``ctx.run_jobs`` (already-started jobs are not run twice)."""
+        return []
 
 
 @torch.no_grad()

@@ -1,36 +1,226 @@
-"""The local executor: runs declared training jobs in this process.
+"""The local executor: runs declared training jobs in this process or in a process pool.
 
-Jobs are pure functions of their value (:func:`cfbench.execution.jobs.run_job`), so the
-order does not change any result and a finished job is skipped.
+Jobs are pure functions of their value (:func:`cfbench.execution.jobs.run_job`): the order
+and the process do not change any result, and a finished job (its file exists) is skipped.
+
+``LocalExecutor(workers=N)``
+    ``workers <= 1`` runs every job in this process when it is needed.  ``workers > 1``
+    starts a pool of ``N`` *spawned* worker processes (one torch thread each unless
+    ``threads`` says otherwise: the small models of this benchmark train fastest that way,
+    and N processes of one thread use N cores without contending).  :meth:`submit` starts
+    jobs in the background -- the runner submits the jobs its evaluators declare *before* it
+    trains the target, so reference models train on the other cores while the target
+    trains and while AutoAttack runs -- and :meth:`run` waits for the ones it needs (jobs
+    already submitted are not started twice).
+
+A worker receives the job without its arrays (:class:`RemoteJob`): it reloads the run's
+data from the recipe (``load_data(cfg)``, cached per worker) and checks the data's sha256
+against the parent's; a job whose data were changed in memory (a test that flips labels)
+cannot be reproduced from its recipe and is run in this process instead.  Plugin files
+loaded with ``--plugin`` are loaded in every worker too.  Two processes that need the same
+model never both train it (the file lock in :func:`~cfbench.execution.jobs.run_job`).
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .jobs import TrainingJob, run_job
 
+EXECUTORS = ("local", "ray")
+
+
+def default_workers() -> int:
+    """The machine's cores (what ``os.sched_getaffinity`` allows this process)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class DataMismatch(RuntimeError):
+    """A worker's data, reloaded from the recipe, differ from the parent's (changed in memory)."""
+
+
+@dataclass(frozen=True)
+class RemoteJob:
+    """A :class:`TrainingJob` without its arrays: what crosses a process boundary."""
+
+    cfg: Any
+    subset: np.ndarray
+    seed: int
+    path: Path
+    cache_dir: Path | None
+    kind: str
+    desc: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    data_sha256: str = ""
+
+    @classmethod
+    def of(cls, job: TrainingJob, data_sha256: str) -> RemoteJob:
+        return cls(cfg=job.cfg, subset=np.asarray(job.subset, dtype=bool), seed=job.seed, path=Path(job.path),
+                   cache_dir=job.cache_dir, kind=job.kind, desc=job.desc, meta=dict(job.meta),
+                   data_sha256=data_sha256)
+
+
+# -- worker side -------------------------------------------------------------------------
+
+_WORKER_DATA: dict[str, Any] = {}
+
+
+def _init_worker(plugin_files: Sequence[str], threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from ..registry import load_plugin_file
+
+    for path in plugin_files:
+        load_plugin_file(path)
+
+
+def _data_for(cfg) -> Any:
+    from ..hashing import canonical_hash
+    from ..params import to_dict
+    from ..training.recipe import load_data
+
+    key = canonical_hash({"dataset": cfg.dataset, "data": to_dict(cfg.data), "dir": cfg.data_dir})
+    if key not in _WORKER_DATA:
+        data = load_data(cfg)
+        _WORKER_DATA[key] = (data, data.dataset.fingerprint())
+    return _WORKER_DATA[key]
+
+
+def run_remote(job: RemoteJob) -> str:
+    """Worker entry point (also Ray's task body): rebuild the job with data reloaded from its
+    recipe, check them against the parent's sha256, run it; returns the model path."""
+    data, sha = _data_for(job.cfg)
+    if job.data_sha256 and sha != job.data_sha256:
+        raise DataMismatch(f"the data of job {job.desc!r}, reloaded from its recipe, differ from the caller's "
+                           "(changed in memory?)")
+    full = TrainingJob(cfg=job.cfg, data=data, subset=job.subset, seed=job.seed, path=job.path,
+                       cache_dir=job.cache_dir, kind=job.kind, desc=job.desc, meta=job.meta)
+    return str(run_job(full, progress=False))
+
+
+# -- parent side -------------------------------------------------------------------------
 
 class LocalExecutor:
-    """Runs jobs one after another in this process; ``on_job(job)`` is called for each
-    declared job (the runner records them)."""
+    """Runs declared jobs in this process (``workers <= 1``) or a pool of spawned processes;
+    ``on_job(job)`` is called once for each distinct job (the runner records them)."""
 
-    def __init__(self, *, progress: bool = False, on_job: Callable[[TrainingJob], None] | None = None):
+    name = "local"
+
+    def __init__(self, *, workers: int = 1, progress: bool = False, threads: int | None = 1,
+                 on_job: Callable[[TrainingJob], None] | None = None, log: Callable[..., None] | None = None):
+        self.workers = int(workers)
         self.progress = progress
+        self.threads = threads
         self.on_job = on_job
+        self.log = log
+        self._pool: ProcessPoolExecutor | None = None
+        self._futures: dict[Path, Future] = {}
+        self._seen: set[Path] = set()
+        self._sha: dict[int, str] = {}
+        #: how each job was run: {path: "cached" | "in-process" | "worker"}
+        self.modes: dict[str, str] = {}
+
+    # -- helpers
+    def _declare(self, job: TrainingJob) -> bool:
+        path = Path(job.path)
+        if path in self._seen:
+            return False
+        self._seen.add(path)
+        if self.on_job is not None:
+            self.on_job(job)
+        return True
+
+    def _data_sha(self, job: TrainingJob) -> str:
+        key = id(job.data)
+        if key not in self._sha:
+            self._sha[key] = job.data.dataset.fingerprint()
+        return self._sha[key]
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            from ..registry import plugin_files
+
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(tuple(plugin_files()), self.threads))
+        return self._pool
+
+    # -- API
+    def submit(self, jobs: Sequence[TrainingJob]) -> None:
+        """Start ``jobs`` in the background (pool only; a no-op in-process)."""
+        for job in jobs:
+            self._declare(job)
+            path = Path(job.path)
+            if self.workers <= 1 or path in self._futures or path.exists():
+                continue
+            self._futures[path] = self._ensure_pool().submit(run_remote, RemoteJob.of(job, self._data_sha(job)))
 
     def run(self, jobs: Sequence[TrainingJob]) -> list[Path]:
+        """Run (or wait for) every job; their model paths in order."""
+        self.submit(jobs)
         out = []
         for job in jobs:
-            if self.on_job is not None:
-                self.on_job(job)
+            self._declare(job)
+            path = Path(job.path)
+            fut = self._futures.get(path)
+            if fut is not None:
+                try:
+                    out.append(Path(fut.result()))
+                    self.modes[str(path)] = "worker"
+                    continue
+                except DataMismatch:
+                    pass  # reproducible only from the caller's in-memory data: run it here
+            cached = path.exists()
             out.append(run_job(job, progress=self.progress))
+            self.modes[str(path)] = "cached" if cached else "in-process"
         return out
 
     __call__ = run
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def run_jobs(jobs: Sequence[TrainingJob], *, progress: bool = False) -> list[Path]:
     """Run ``jobs`` serially in this process (what a direct, run-less use needs)."""
     return LocalExecutor(progress=progress).run(jobs)
+
+
+def make_executor(name: str = "local", *, workers: int | None = None, address: str | None = None,
+                  progress: bool = False, threads: int | None = 1, on_job=None, log=None):
+    """The executor called ``name`` (``local`` or ``ray``) for a run's declared jobs."""
+    from ..errors import UsageError
+
+    if name not in EXECUTORS:
+        raise UsageError(f"unknown executor {name!r}. Valid choices: {', '.join(EXECUTORS)}.")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers} is not valid: give a number >= 1.")
+    if name == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(address=address, workers=workers, progress=progress, threads=threads, on_job=on_job,
+                           log=log)
+    if address is not None:
+        raise UsageError("--address applies to --executor ray only.")
+    return LocalExecutor(workers=workers or default_workers(), progress=progress, threads=threads, on_job=on_job,
+                         log=log)

@@ -27,6 +27,9 @@ def tiny_config(defense: str = "erm", *, sets: dict[str, Any] | None = None, eva
     extra = dict(TINY_SETTINGS)
     if model is not None and model != "cnn8":
         extra.pop("model.width")
+    for key in sets or {}:   # a user key replaces the tiny default, bare or qualified
+        for k in [k for k in extra if k == key or ("." not in key and k.partition(".")[2] == key)]:
+            extra.pop(k)
     extra.update(sets or {})
     return make_config(dataset="digits", defense=defense, model=model, seed=seed, sets=extra,
                        evaluators=tuple(evaluators))

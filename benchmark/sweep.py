@@ -1,0 +1,320 @@
+"""``cfbench sweep grid.toml``: a grid of runs, executed locally or on Ray, then tabulated.
+
+The grid file (TOML)::
+
+    defense = ["erm", "pgd-at"]      # each top-level list is an axis: defense, dataset,
+    dataset = ["digits"]             # model, seed, evaluators (comma-separated names)
+    seed = [0, 1, 2]
+    evaluators = ["clean,pgd,autoattack,mia"]
+    [set]                            # any --set key; a list is an axis, a scalar is fixed
+    epochs = 30
+    eps = [0.05, 0.1]
+
+Optional top-level keys: ``device`` (default cpu), ``data_dir``.  A scalar anywhere is a
+fixed value.  The grid is the Cartesian product of the axes in the order defense, dataset,
+model, seed, evaluators, then the ``[set]`` keys as written.
+
+Every point is resolved with :func:`cfbench.config.make_config` *before anything starts*: an
+unknown key, defense, dataset, model or evaluator, or a value of the wrong type, is a
+:class:`~cfbench.errors.UsageError` (exit 2) naming the point and the bad entry.  Points whose
+finished record (same config hash) is already in ``--out`` are skipped.  The rest run as
+independent processes -- a local process pool (``--workers``, default the machine's cores)
+or Ray tasks (``--executor ray``, ``--address`` for an existing cluster, retried by Ray on
+worker loss) -- each run with its declared jobs in-process (so N runs use N cores) and the
+reference-model cache shared through its file locks (two runs of one recipe never train
+the same reference model twice).  A worker killed mid-run (local pool) breaks the pool; the
+sweep starts a new pool and re-submits the unfinished runs, which resume from their
+checkpoints.  Progress: one line per finished run and an overall bar with an ETA; at the end
+a summary table and the sweep's leaderboards (``--leaderboards``, default ``<out>/leaderboards``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, make_config
+from .errors import UsageError, suggest
+from .store import RECORD, read_record
+
+AXES = ("defense", "dataset", "model", "seed", "evaluators")
+OPTIONS = ("device", "data_dir")
+MAX_RESTARTS = 3
+
+
+@dataclass
+class Point:
+    index: int
+    label: str
+    cfg: RunConfig
+    settings: dict[str, Any]
+
+
+def _axis(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def load_grid(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read the grid file {str(path)!r}: {e.strerror or e}.") from e
+    try:
+        grid = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML: {e}.") from e
+    valid = (*AXES, *OPTIONS, "set")
+    for key in grid:
+        if key not in valid:
+            raise UsageError(f"{path}: unknown key {key!r}. Valid keys: {', '.join(valid)}." + suggest(key, valid))
+    if "set" in grid and not isinstance(grid["set"], dict):
+        raise UsageError(f"{path}: `set` must be a table ([set]) of --set keys, got {type(grid['set']).__name__}.")
+    for key in AXES:
+        for v in _axis(grid.get(key, [])):
+            want = int if key == "seed" else str
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise UsageError(f"{path}: {key} values must be {want.__name__}s, got {v!r}.")
+    return grid
+
+
+def expand(grid: dict[str, Any], source: str = "grid") -> list[Point]:
+    """Every point of the grid, resolved and validated (raises UsageError naming the bad one)."""
+    sets = grid.get("set", {})
+    axes: list[tuple[str, list[Any]]] = [(k, _axis(grid.get(k, [None]))) for k in AXES]
+    axes += [(f"set.{k}", _axis(v)) for k, v in sets.items()]
+    names = [k for k, _ in axes]
+    points = []
+    for i, combo in enumerate(itertools.product(*(vals for _, vals in axes))):
+        chosen = dict(zip(names, combo))
+        settings = {k[4:]: (",".join(map(str, v)) if isinstance(v, list) else v)
+                    for k, v in chosen.items() if k.startswith("set.")}
+        evaluators = chosen["evaluators"]
+        label = ", ".join(f"{k}={v}" for k, v in chosen.items() if v is not None and len(dict(axes)[k]) > 1) \
+            or f"point {i + 1}"
+        try:
+            cfg = make_config(dataset=chosen["dataset"] or "digits", defense=chosen["defense"] or "erm",
+                              model=chosen["model"], seed=chosen["seed"] if chosen["seed"] is not None else 0,
+                              sets=settings,
+                              evaluators=[e.strip() for e in evaluators.split(",")] if evaluators else None,
+                              device=grid.get("device", "cpu"), data_dir=grid.get("data_dir"))
+        except UsageError as e:
+            raise UsageError(f"{source}: grid point {i + 1} ({label}): {e}") from e
+        points.append(Point(i, label, cfg, settings))
+    ids = [p.cfg.run_id() for p in points]
+    if len(set(ids)) < len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        raise UsageError(f"{source}: two grid points resolve to the same run {dup} (a repeated value?).")
+    return points
+
+
+def finished(cfg: RunConfig, out: Path) -> dict | None:
+    path = out / cfg.run_id() / RECORD
+    if not path.exists():
+        return None
+    try:
+        rec = read_record(path.parent)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("status") == "ok" else None
+
+
+# -- one run (the body of a pool worker or a Ray task) ------------------------------------
+
+def _init(plugin_files: tuple[str, ...]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from .registry import load_plugin_file
+
+    for p in plugin_files:
+        load_plugin_file(p)
+
+
+def run_point(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Execute one run (its jobs in-process) and return a summary; never raises for a failed
+    run (its record says why), so one failure does not stop the sweep."""
+    from .registry import plugin_files as loaded
+    from .runner import execute
+
+    if set(plugin_files) - set(loaded()):
+        _init(plugin_files)
+    t0 = time.perf_counter()
+    try:
+        outcome = execute(cfg, out, progress=False, log=lambda *a: None)
+        rec = outcome.record
+        return {"run_id": rec["run_id"], "status": rec["status"], "reused": outcome.reused,
+                "seconds": time.perf_counter() - t0, "metrics": _headline(rec)}
+    except Exception as e:  # noqa: BLE001 - recorded in the run's record; the sweep goes on
+        return {"run_id": cfg.run_id(), "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                "seconds": time.perf_counter() - t0, "metrics": {}}
+
+
+def _headline(rec: dict) -> dict[str, Any]:
+    m = rec.get("metrics", {})
+
+    def v(key):
+        x = m.get(key)
+        return x.get("value") if isinstance(x, dict) else x
+
+    return {"clean": v("clean.accuracy"), "autoattack": v("robust.autoattack.accuracy"),
+            "pgd": v("robust.pgd.accuracy"), "mia_auc": v("mia.best.auc")}
+
+
+# -- the sweep ----------------------------------------------------------------------------
+
+def _pool(workers: int, plugin_files: tuple[str, ...]) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_init, initargs=(plugin_files,))
+
+
+def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[str, ...],
+              on_done: Callable[[Point, dict], None]) -> None:
+    pending = {p.index: p for p in points}
+    restarts = 0
+    while pending:
+        pool = _pool(workers, plugin_files)
+        futs = {pool.submit(run_point, p.cfg, str(out), plugin_files): p for p in pending.values()}
+        broken = False
+        try:
+            while futs:
+                done, _ = wait(futs, return_when=FIRST_COMPLETED)
+                for f in done:
+                    p = futs.pop(f)
+                    try:
+                        res = f.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        continue
+                    pending.pop(p.index, None)
+                    on_done(p, res)
+                if broken:
+                    break
+        finally:
+            pool.shutdown(wait=not broken, cancel_futures=True)
+        if broken:
+            restarts += 1
+            if restarts > MAX_RESTARTS:
+                for p in pending.values():
+                    on_done(p, {"run_id": p.cfg.run_id(), "status": "failed", "seconds": 0.0, "metrics": {},
+                                "reason": f"worker processes died {restarts} times"})
+                return
+            print(f"cfbench sweep: a worker process died; restarting the pool for {len(pending)} unfinished "
+                  "run(s) (they resume from their checkpoints)", file=sys.stderr)
+
+
+def run_ray(points: list[Point], out: Path, address: str | None, workers: int | None,
+            plugin_files: tuple[str, ...], on_done: Callable[[Point, dict], None]) -> None:
+    from .execution.ray_executor import MAX_RETRIES, init_ray
+
+    ray = init_ray(address, workers)
+    task = ray.remote(run_point)
+    refs = {}
+    for p in points:
+        gpus = 1 if str(p.cfg.device).startswith("cuda") else 0
+        refs[task.options(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES).remote(
+            p.cfg, str(out), plugin_files)] = p
+    while refs:
+        done, _ = ray.wait(list(refs), num_returns=1)
+        for r in done:
+            p = refs.pop(r)
+            try:
+                res = ray.get(r)
+            except Exception as e:  # noqa: BLE001 - a task that failed after its retries
+                res = {"run_id": p.cfg.run_id(), "status": "failed", "seconds": 0.0, "metrics": {},
+                       "reason": f"{type(e).__name__}: {e}"}
+            on_done(p, res)
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def summary_table(rows: list[tuple[Point, dict]]) -> str:
+    head = ["run", "status", "clean %", "AutoAttack %", "PGD %", "MIA AUC", "seconds"]
+    lines = [head]
+    for p, r in sorted(rows, key=lambda t: t[0].index):
+        m = r.get("metrics", {})
+        auc = m.get("mia_auc")
+        status = r["status"] + (" (reused)" if r.get("reused") else "")
+        lines.append([r["run_id"], status, _pct(m.get("clean")), _pct(m.get("autoattack")), _pct(m.get("pgd")),
+                      f"{auc:.3f}" if isinstance(auc, (int, float)) else "n/a", f"{r.get('seconds', 0):.0f}"])
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
+
+
+def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "local", workers: int | None = None,
+          address: str | None = None, leaderboards: str | Path | None = None, dry_run: bool = False,
+          log=print) -> list[tuple[Point, dict]]:
+    from .execution.local import EXECUTORS, default_workers
+    from .registry import plugin_files
+
+    if executor not in EXECUTORS:
+        raise UsageError(f"unknown executor {executor!r}. Valid choices: {', '.join(EXECUTORS)}.")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers} is not valid: give a number >= 1.")
+    if address is not None and executor != "ray":
+        raise UsageError("--address applies to --executor ray only.")
+    if executor == "ray":
+        from .execution.ray_executor import check_address, init_ray  # noqa: F401 - fail early on a bad address
+
+        if address is not None:
+            check_address(address)
+    out = Path(out)
+    points = expand(load_grid(grid_path), str(grid_path))
+    todo, rows = [], []
+    for p in points:
+        rec = finished(p.cfg, out)
+        if rec is not None:
+            rows.append((p, {"run_id": rec["run_id"], "status": "ok", "reused": True, "seconds": 0.0,
+                             "metrics": _headline(rec)}))
+        else:
+            todo.append(p)
+    log(f"cfbench sweep: {len(points)} runs in the grid, {len(rows)} already finished, {len(todo)} to run "
+        f"({executor}" + (f", {workers or default_workers()} workers" if executor == "local" else "") + ")")
+    if dry_run:
+        for p in todo:
+            log(f"  would run {p.cfg.run_id()}  [{p.label}]")
+        return rows
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", file=sys.stderr, dynamic_ncols=True,
+               disable=not todo, mininterval=1.0)
+    done_count = [0]
+
+    def on_done(p: Point, res: dict) -> None:
+        done_count[0] += 1
+        rows.append((p, res))
+        extra = f" ({res.get('reason')})" if res["status"] != "ok" else ""
+        bar.write(f"[{done_count[0]}/{len(todo)}] {res['run_id']} {res['status']} in {res.get('seconds', 0):.0f}s"
+                  + extra, file=sys.stderr)
+        bar.update(1)
+
+    plugins = tuple(plugin_files())
+    try:
+        if todo and executor == "local":
+            run_local(todo, out, workers or default_workers(), plugins, on_done)
+        elif todo:
+            run_ray(todo, out, address, workers, plugins, on_done)
+    finally:
+        bar.close()
+    log(summary_table(rows))
+    ok = [r for _, r in rows if r["status"] == "ok"]
+    if ok:
+        from .present.leaderboard import build
+        from .present.writers import write
+
+        target = Path(leaderboards) if leaderboards is not None else out / "leaderboards"
+        for lb in build(out):
+            paths = write(lb, target)
+            log(f"leaderboard {lb.name}: {paths['md']}")
+    return rows

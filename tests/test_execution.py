@@ -1,0 +1,225 @@
+"""Executors and sweeps: results identical whichever executor ran them; bad input exits 2
+before anything starts; a sweep skips finished runs and survives a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cfbench.cli import main
+from cfbench.errors import UsageError
+from cfbench.execution import reference as XR
+from cfbench.execution.jobs import run_job
+from cfbench.execution.local import LocalExecutor, make_executor
+from cfbench.runner import execute
+from cfbench.store.io import load_tensors
+from cfbench.sweep import expand, load_grid
+from cfbench.testing.tiny import tiny_config, tiny_data
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SETS = {"epochs": 2, "data.pool_size": 160, "data.test_size": 64, "mia.reference_models": 2,
+             "mia.population_size": 64}
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(path)[0]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_job_trains_the_same_model_in_process_and_in_a_pool_worker(tmp_path):
+    cfg = tiny_config("pgd-at", sets={"defense.steps": 2})
+    data = tiny_data(cfg)
+    here = run_job(XR.reference_job(cfg, data, 1, tmp_path / "a"))
+    with LocalExecutor(workers=2) as ex:
+        [there] = ex.run([XR.reference_job(cfg, data, 1, tmp_path / "b")])
+        assert ex.modes[str(there)] == "worker"
+    assert _same(_weights(here), _weights(there))
+
+
+def test_a_job_whose_data_changed_in_memory_runs_in_process(tmp_path):
+    cfg = tiny_config("erm")
+    data = tiny_data(cfg)
+    import copy
+
+    changed = copy.deepcopy(data)
+    changed.dataset.y_train = (changed.dataset.y_train + 1) % 10        # not reproducible from the recipe
+    with LocalExecutor(workers=2) as ex:
+        [path] = ex.run([XR.reference_job(cfg, changed, 0, tmp_path)])
+        assert ex.modes[str(path)] == "in-process"
+    assert path.exists()
+
+
+def test_a_run_gives_identical_metrics_and_weights_with_a_pool_and_in_process(tmp_path):
+    cfg = tiny_config("erm", sets=TINY_SETS, evaluators=("clean", "mia"))
+    serial = execute(cfg, tmp_path / "serial", progress=False)
+    with LocalExecutor(workers=2) as ex:
+        pooled = execute(cfg, tmp_path / "pool", progress=False, executor=ex)
+    assert serial.record["metrics"] == pooled.record["metrics"]
+    assert _same(_weights(serial.run_dir / "model.safetensors"), _weights(pooled.run_dir / "model.safetensors"))
+    modes = {j["executor"] for j in pooled.record["jobs"]}
+    assert modes == {"local:worker"}, modes              # the reference models trained in the pool
+    assert {j["executor"] for j in serial.record["jobs"]} == {"local:in-process"}
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"name": "dask"}, "unknown executor 'dask'. Valid choices: local, ray"),
+    ({"name": "local", "workers": 0}, "--workers 0 is not valid"),
+    ({"name": "local", "address": "127.0.0.1:1"}, "--address applies to --executor ray only"),
+    ({"name": "ray", "address": "127.0.0.1:1"}, "unreachable"),
+    ({"name": "ray", "address": "nonsense"}, "not HOST:PORT"),
+])
+def test_bad_executor_settings_are_usage_errors(kwargs, needle):
+    pytest.importorskip("ray") if kwargs["name"] == "ray" else None
+    with pytest.raises(UsageError, match=needle):
+        make_executor(**kwargs)
+
+
+# -- sweeps -------------------------------------------------------------------------------
+
+GRID = """
+defense = ["erm", "pgd-at"]
+dataset = "digits"
+seed = [0, 1]
+evaluators = "clean,pgd"
+[set]
+epochs = 1
+"data.pool_size" = 200
+"data.test_size" = 64
+"pgd.n_examples" = 32
+"pgd.steps" = 2
+"defense.steps" = 2
+"model.width" = 8
+"""
+
+
+def _grid(tmp_path, text=GRID, name="grid.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text), encoding="utf-8")
+    return p
+
+
+def test_the_grid_expands_to_the_product_of_its_axes(tmp_path):
+    # pgd-at has `steps`, erm does not: `defense.steps` is fine for erm? no -> erm rejects it
+    text = GRID.replace('"defense.steps" = 2\n', "")
+    points = expand(load_grid(_grid(tmp_path, text)))
+    assert [(p.cfg.defense, p.cfg.seed) for p in points] == [("erm", 0), ("erm", 1), ("pgd-at", 0), ("pgd-at", 1)]
+    assert all(p.cfg.train.epochs == 1 and p.cfg.evaluators == ("clean", "pgd") for p in points)
+    eps = expand(load_grid(_grid(tmp_path, text.replace("epochs = 1", "epochs = 1\neps = [0.05, 0.1]"), "e.toml")))
+    assert len(eps) == 8 and {p.cfg.threat.eps for p in eps} == {0.05, 0.1}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda g: g.replace('defense = ["erm", "pgd-at"]', 'defense = ["erm", "pgd-att"]'), "unknown defense 'pgd-att'"),
+    (lambda g: g.replace('dataset = "digits"', 'dataset = "digitz"'), "digitz"),
+    (lambda g: g.replace("epochs = 1", 'epochs = "many"'), "epochs"),
+    (lambda g: g.replace("epochs = 1", "epochz = 1"), "unknown setting 'epochz'"),
+    (lambda g: "seeds = [0]\n" + g, "unknown key 'seeds'"),
+    (lambda g: g.replace("seed = [0, 1]", 'seed = ["zero"]'), "seed values must be ints"),
+    (lambda g: g + "\nthis is not toml", "not valid TOML"),
+])
+def test_a_bad_grid_exits_2_before_anything_starts(tmp_path, capsys, edit, needle):
+    g = _grid(tmp_path, edit(GRID.replace('"defense.steps" = 2\n', "")))
+    out = tmp_path / "runs"
+    assert main(["sweep", str(g), "--out", str(out), "--workers", "1"]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()                      # nothing started
+
+
+def test_a_sweep_runs_skips_finished_runs_and_builds_its_leaderboard(tmp_path, capsys):
+    g = _grid(tmp_path, GRID.replace('"defense.steps" = 2\n', ""))
+    out = tmp_path / "runs"
+    assert main(["sweep", str(g), "--out", str(out), "--workers", "2"]) == 0
+    recs = sorted(out.glob("*/record.json"))
+    assert len(recs) == 4 and all(json.loads(p.read_text())["status"] == "ok" for p in recs)
+    assert (out / "leaderboards" / "digits-cnn8-Linf-0.1.md").exists()
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in recs}
+    assert main(["sweep", str(g), "--out", str(out), "--dry-run"]) == 0
+    assert "4 already finished, 0 to run" in capsys.readouterr().out
+    assert main(["sweep", str(g), "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in recs} == before     # nothing recomputed
+    # the sweep's records equal those of the same runs made one by one in-process
+    from cfbench.sweep import expand as _expand
+
+    p0 = _expand(load_grid(g))[0]
+    alone = execute(p0.cfg, tmp_path / "alone", progress=False)
+    swept = json.loads((out / p0.cfg.run_id() / "record.json").read_text())
+    assert alone.record["metrics"] == swept["metrics"]
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_a_killed_worker(tmp_path):
+    """SIGKILL one pool worker in the middle of a run: the sweep restarts the pool, finishes
+    every run once, and leaves no temporary or half-written file."""
+    text = GRID.replace('"defense.steps" = 2\n', "").replace("epochs = 1", "epochs = 6").replace(
+        "seed = [0, 1]", "seed = [0, 1, 2]")
+    g = _grid(tmp_path, text)
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "cfbench.cli", "sweep", str(g), "--out", str(out),
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = False
+    deadline = time.time() + 120
+    while time.time() < deadline and not killed:
+        time.sleep(0.5)
+        if any(out.glob("*/checkpoints/*.safetensors")):
+            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            workers = [int(k) for k in kids
+                       if "multiprocessing" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="ignore")]
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed = True
+    stdout, stderr = proc.communicate(timeout=600)
+    assert killed, "no worker to kill"
+    assert proc.returncode == 0, stderr
+    assert "a worker process died" in stderr
+    recs = sorted(out.glob("*/record.json"))
+    assert len(recs) == 6 and all(json.loads(p.read_text())["status"] == "ok" for p in recs)
+    assert not list(out.rglob("*.tmp")) and not list(out.glob("*/checkpoints"))
+
+
+RAY_GRID = GRID.replace('"defense.steps" = 2\n', "").replace('defense = ["erm", "pgd-at"]', 'defense = ["erm"]')
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_real_local_ray_cluster_equals_the_local_executor(tmp_path):
+    """A Ray head and one extra worker node on loopback; the sweep's records equal the local ones."""
+    pytest.importorskip("ray")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = 16379 + os.getpid() % 1000
+    temp = f"/tmp/ray-{os.getpid()}"
+    head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                           "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert head.returncode == 0, head.stderr
+    try:
+        node = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                               "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                              capture_output=True, text=True, env=env, timeout=180)
+        assert node.returncode == 0, node.stderr
+        g = _grid(tmp_path, RAY_GRID)
+        ray_out, local_out = tmp_path / "ray", tmp_path / "local"
+        r = subprocess.run([sys.executable, "-m", "cfbench.cli", "sweep", str(g), "--out", str(ray_out),
+                            "--executor", "ray", "--address", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert main(["sweep", str(g), "--out", str(local_out), "--workers", "1"]) == 0
+        for rec in sorted(local_out.glob("*/record.json")):
+            other = ray_out / rec.parent.name / "record.json"
+            a, b = json.loads(rec.read_text()), json.loads(other.read_text())
+            assert a["metrics"] == b["metrics"] and a["config_hash"] == b["config_hash"]
+            assert _same(_weights(rec.parent / "model.safetensors"), _weights(other.parent / "model.safetensors"))
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
