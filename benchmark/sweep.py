@@ -11,7 +11,20 @@ The grid file (TOML)::
     eps = [0.05, 0.1]
 
 Optional top-level keys: ``device`` (default cpu), ``data_dir``.  A scalar anywhere is a
-fixed value.  The grid is the Cartesian product of the axes in the order defense, dataset,
+fixed value.  Recipes that need their own settings go into ``[[grid]]`` sub-grids: each is
+merged over the top level (its ``[grid.set]`` over the top ``[set]``) and expanded on its
+own; the sweep is the concatenation::
+
+    dataset = "digits"
+    [set]
+    epochs = 15
+    [[grid]]
+    defense = "cf-at"
+    [grid.set]
+    p = [0.95, 0.5]
+    [[grid]]
+    defense = ["erm", "pgd-at"]
+  The grid is the Cartesian product of the axes in the order defense, dataset,
 model, seed, evaluators, then the ``[set]`` keys as written.
 
 Every point is resolved with :func:`cfbench.config.make_config` *before anything starts*: an
@@ -73,28 +86,62 @@ def load_grid(path: str | Path) -> dict[str, Any]:
         grid = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML: {e}.") from e
-    valid = (*AXES, *OPTIONS, "set")
+    _check(grid, str(path), top=True)
+    subs = grid.get("grid")
+    if subs is not None:
+        if not isinstance(subs, list) or not all(isinstance(g, dict) for g in subs):
+            raise UsageError(f"{path}: `grid` must be an array of tables ([[grid]]).")
+        for i, sub in enumerate(subs):
+            _check(sub, f"{path} [[grid]] {i + 1}", top=False)
+    return grid
+
+
+def _check(grid: dict[str, Any], where: str, *, top: bool) -> None:
+    valid = (*AXES, *OPTIONS, "set") + (("grid",) if top else ())
     for key in grid:
         if key not in valid:
-            raise UsageError(f"{path}: unknown key {key!r}. Valid keys: {', '.join(valid)}." + suggest(key, valid))
+            raise UsageError(f"{where}: unknown key {key!r}. Valid keys: {', '.join(valid)}." + suggest(key, valid))
     if "set" in grid and not isinstance(grid["set"], dict):
-        raise UsageError(f"{path}: `set` must be a table ([set]) of --set keys, got {type(grid['set']).__name__}.")
+        raise UsageError(f"{where}: `set` must be a table ([set]) of --set keys, got {type(grid['set']).__name__}.")
     for key in AXES:
         for v in _axis(grid.get(key, [])):
             want = int if key == "seed" else str
             if not isinstance(v, want) or isinstance(v, bool):
-                raise UsageError(f"{path}: {key} values must be {want.__name__}s, got {v!r}.")
-    return grid
+                raise UsageError(f"{where}: {key} values must be {want.__name__}s, got {v!r}.")
+
+
+def subgrids(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid's sub-grids merged over its top level (the grid itself when it has none)."""
+    top = {k: v for k, v in grid.items() if k != "grid"}
+    if "grid" not in grid:
+        return [top]
+    out = []
+    for sub in grid["grid"]:
+        merged = {**top, **{k: v for k, v in sub.items() if k != "set"}}
+        merged["set"] = {**top.get("set", {}), **sub.get("set", {})}
+        out.append(merged)
+    return out
 
 
 def expand(grid: dict[str, Any], source: str = "grid") -> list[Point]:
     """Every point of the grid, resolved and validated (raises UsageError naming the bad one)."""
+    points: list[Point] = []
+    for sub in subgrids(grid):
+        points += _expand_one(sub, source, start=len(points))
+    ids = [p.cfg.run_id() for p in points]
+    if len(set(ids)) < len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        raise UsageError(f"{source}: two grid points resolve to the same run {dup} (a repeated value?).")
+    return points
+
+
+def _expand_one(grid: dict[str, Any], source: str, start: int) -> list[Point]:
     sets = grid.get("set", {})
     axes: list[tuple[str, list[Any]]] = [(k, _axis(grid.get(k, [None]))) for k in AXES]
     axes += [(f"set.{k}", _axis(v)) for k, v in sets.items()]
     names = [k for k, _ in axes]
     points = []
-    for i, combo in enumerate(itertools.product(*(vals for _, vals in axes))):
+    for i, combo in enumerate(itertools.product(*(vals for _, vals in axes)), start=start):
         chosen = dict(zip(names, combo))
         settings = {k[4:]: (",".join(map(str, v)) if isinstance(v, list) else v)
                     for k, v in chosen.items() if k.startswith("set.")}
@@ -110,10 +157,6 @@ def expand(grid: dict[str, Any], source: str = "grid") -> list[Point]:
         except UsageError as e:
             raise UsageError(f"{source}: grid point {i + 1} ({label}): {e}") from e
         points.append(Point(i, label, cfg, settings))
-    ids = [p.cfg.run_id() for p in points]
-    if len(set(ids)) < len(ids):
-        dup = next(x for x in ids if ids.count(x) > 1)
-        raise UsageError(f"{source}: two grid points resolve to the same run {dup} (a repeated value?).")
     return points
 
 

@@ -176,7 +176,7 @@ def test_a_sweep_survives_a_killed_worker(tmp_path):
         if any(out.glob("*/checkpoints/*.safetensors")):
             kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             workers = [int(k) for k in kids
-                       if "multiprocessing" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="ignore")]
+                       if "spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="ignore")]
             if workers:
                 os.kill(workers[0], signal.SIGKILL)
                 killed = True
@@ -223,3 +223,27 @@ def test_a_sweep_on_a_real_local_ray_cluster_equals_the_local_executor(tmp_path)
             assert _same(_weights(rec.parent / "model.safetensors"), _weights(other.parent / "model.safetensors"))
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_sub_grids_merge_over_the_top_level_and_concatenate(tmp_path):
+    text = """
+    dataset = "digits"
+    evaluators = "clean"
+    [set]
+    epochs = 1
+    "model.width" = 8
+    [[grid]]
+    defense = "pgd-at"
+    [grid.set]
+    "defense.steps" = [2, 3]
+    [[grid]]
+    defense = ["erm", "trades"]
+    seed = [0, 1]
+    """
+    points = expand(load_grid(_grid(tmp_path, text)))
+    got = [(p.cfg.defense, p.cfg.seed, getattr(p.cfg.defense_params, "steps", None)) for p in points]
+    assert got == [("pgd-at", 0, 2), ("pgd-at", 0, 3), ("erm", 0, None), ("erm", 1, None),
+                   ("trades", 0, 10), ("trades", 1, 10)]
+    assert all(p.cfg.train.epochs == 1 for p in points)
+    with pytest.raises(UsageError, match=r"\[\[grid\]\] 1: unknown key 'sed'"):
+        load_grid(_grid(tmp_path, text.replace('defense = "pgd-at"', 'defense = "pgd-at"\n    sed = 1'), "b.toml"))
