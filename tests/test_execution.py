@@ -189,6 +189,20 @@ def test_a_sweep_survives_a_killed_worker(tmp_path):
     assert not list(out.rglob("*.tmp")) and not list(out.glob("*/checkpoints"))
 
 
+def _free_port(lo: int, hi: int) -> int:
+    import random
+    import socket
+
+    for port in random.Random(os.getpid()).sample(range(lo, hi), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
 RAY_GRID = GRID.replace('"defense.steps" = 2\n', "").replace('defense = ["erm", "pgd-at"]', 'defense = ["erm"]')
 
 
@@ -198,7 +212,7 @@ def test_a_sweep_on_a_real_local_ray_cluster_equals_the_local_executor(tmp_path)
     pytest.importorskip("ray")
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    port = 16379 + os.getpid() % 1000
+    port = _free_port(7000, 9999)          # below Ray's default worker-port range (10002-19999)
     temp = f"/tmp/ray-{os.getpid()}"
     head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
                            "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],

@@ -25,6 +25,7 @@ class CleanAccuracy(Evaluator):
         res = EvalResult()
         test_pred = predict(ctx.model, d.x_test, ctx.device).argmax(1)
         res.metrics["clean.accuracy"] = proportion(int((test_pred == d.y_test).sum()), len(d.y_test))
+        res.per_example["clean.correct"] = (test_pred == d.y_test).numpy()
         train_pred = predict(ctx.model, d.x_train, ctx.device).argmax(1)
         res.metrics["clean.train_accuracy"] = proportion(int((train_pred == d.y_train).sum()), len(d.y_train))
         res.metrics["clean.generalization_gap"] = (res.metrics["clean.train_accuracy"]["value"]

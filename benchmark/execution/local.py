@@ -179,6 +179,10 @@ class LocalExecutor:
                 try:
                     out.append(Path(fut.result()))
                     self.modes[str(path)] = "worker"
+                    if self.progress:
+                        from ..progress import log_line
+
+                        log_line(f"{job.desc}: ready (trained in a worker process)")
                     continue
                 except DataMismatch:
                     pass  # reproducible only from the caller's in-memory data: run it here

@@ -66,20 +66,20 @@ def reference_path(cache_dir: str | Path, recipe_hash: str, index: int) -> Path:
 
 
 def reference_job(cfg: RunConfig, data: RunData, index: int, cache_dir: str | Path, *, seed: int = 0,
-                  recipe_hash: str | None = None) -> TrainingJob:
+                  recipe_hash: str | None = None, of: int | None = None) -> TrainingJob:
     """The training job of reference model ``index`` of the run's recipe (reference seed ``seed``)."""
     recipe_hash = recipe_hash or reference_recipe_hash(cfg, data, seed)
     mask = reference_subset(len(data.pool_idx), int(data.member_mask.sum()), index, seed)
     return TrainingJob(cfg=cfg, data=data, subset=mask, seed=reference_train_seed(index, seed),
                        path=reference_path(cache_dir, recipe_hash, index), cache_dir=Path(cache_dir), kind=KIND,
-                       desc=f"{cfg.defense} reference {index}",
+                       desc=f"{cfg.defense} reference {index + 1}/{of}" if of else f"{cfg.defense} reference {index}",
                        meta={"index": int(index), "recipe_hash": recipe_hash, "reference_seed": int(seed)})
 
 
 def reference_jobs(cfg: RunConfig, data: RunData, k: int, cache_dir: str | Path, *, seed: int = 0) -> list[TrainingJob]:
     """The jobs of reference models ``0 .. k-1`` (one recipe hash for all)."""
     h = reference_recipe_hash(cfg, data, seed)
-    return [reference_job(cfg, data, i, cache_dir, seed=seed, recipe_hash=h) for i in range(k)]
+    return [reference_job(cfg, data, i, cache_dir, seed=seed, recipe_hash=h, of=k) for i in range(k)]
 
 
 def read_reference_meta(path: str | Path) -> dict[str, Any]:

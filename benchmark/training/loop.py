@@ -99,10 +99,9 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: FitCont
     else:
         torch.manual_seed(ctx.seed)
 
-    bar = None
-    if ctx.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=tp.epochs, initial=start_epoch, desc=ctx.desc, unit="epoch", leave=False, dynamic_ncols=True)
+    from ..progress import Progress
+
+    bar = Progress(tp.epochs, ctx.desc, "epoch", initial=start_epoch, enabled=ctx.progress)
     try:
         for epoch in range(start_epoch, tp.epochs):
             t0 = time.perf_counter()
@@ -143,12 +142,9 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: FitCont
             history.append(row)
             if ckpt is not None:
                 save_checkpoint(ckpt, model, optimizer, epoch, history, state)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
+            bar.update(1, loss=row["loss"])
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     model.eval()
     ctx.history[:] = history
     return history
