@@ -1,4 +1,4 @@
-"""Command-line interface: ``cfbench run | list | leaderboard | report``.
+"""Command-line interface: ``cfbench run | list | leaderboard | report | doctor``.
 
 Usage errors (unknown names, bad values, missing datasets) print one clear message naming
 the bad value and the valid choices, and exit with status 2.  A run that fails after it
@@ -33,7 +33,9 @@ def _fmt(m) -> str:
 SUMMARY_KEYS = [
     ("clean.accuracy", "clean accuracy"),
     ("robust.pgd.accuracy", "PGD robust accuracy"),
+    ("robust.autoattack.sanity.pgd_accuracy", "PGD on AutoAttack's examples"),
     ("robust.autoattack.accuracy", "AutoAttack robust accuracy"),
+    ("robust.attacks.worst_case.accuracy", "attack zoo (worst case)"),
     ("mia.best.auc", "membership: best AUC"),
     ("mia.best.tpr_at_fpr.0.01", "membership: best TPR @ 1% FPR"),
     ("mia.best.tpr_at_fpr.0.001", "membership: best TPR @ 0.1% FPR"),
@@ -62,6 +64,8 @@ def print_summary(rec: dict, run_dir: Path, reused: bool) -> None:
     print(f"{'time (train / total)':<{width}}  {t.get('train', 0):.1f} s / {t.get('total', 0):.1f} s")
     for w in rec.get("warnings", []):
         print(f"warning: {w}")
+    for f in rec.get("flags") or []:  # named sanity flags: the robustness number is not to be trusted
+        print(f"FLAG {f.get('name')} ({', '.join(f.get('evaluators') or [])}): {f.get('message')}")
     print("-" * (width + 40))
     print(f"record   {run_dir / 'record.json'}")
     if rec.get("report"):
@@ -110,13 +114,13 @@ def cmd_run(args) -> int:
                              + ", ".join(registry("evaluator").names()) + " (comma-separated).")
     cfg = make_config(dataset=args.dataset, defense=args.defense, model=args.model, seed=args.seed,
                       sets=parse_sets(args.set), evaluators=evaluators, device=args.device,
-                      data_dir=args.data_dir, download=args.download)
+                      data_dir=args.data_dir, download=args.download, deterministic=args.deterministic)
     progress = not args.quiet
     threads = args.threads or auto_threads(cfg)
     if threads:
         import torch
         torch.set_num_threads(threads)
-    from .execution.local import make_executor
+    from .execution.executors import make_executor
 
     # workers of a pool train small models with one thread each (what makes N processes use N cores)
     executor = make_executor(args.executor, workers=args.workers, address=args.address, progress=progress,
@@ -162,6 +166,9 @@ def _print_dataset_defaults(name: str) -> None:
     extra = getattr(spec, "default_evaluator_settings", {})
     if extra:
         print("      evaluator defaults: " + ", ".join(f"{k}={v!r}" for k, v in extra.items()))
+    for defense, values in (getattr(spec, "default_defense_settings", {}) or {}).items():
+        print(f"      {defense} defaults (literature): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
+                                                                    f"{k}={v!r}" for k, v in values.items()))
 
 
 def cmd_list(args) -> int:
@@ -234,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated evaluators; default clean,pgd,autoattack,mia")
     r.add_argument("--data-dir", default=None, help="directory with dataset files (IDX, cifar-10-batches-py)")
     r.add_argument("--download", action="store_true", help="download the dataset through torchvision if installed")
+    r.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (and cuDNN deterministic kernels): bit-reproducible "
+                        "CUDA runs, slower; recorded in the record, not part of the run id")
     r.add_argument("--force", action="store_true", help="recompute even if a finished run with this config exists")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--threads", type=int, default=0, metavar="N",
@@ -265,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Sub-commands that live in their own package (``leaderboard`` and ``report``)."""
+    """Sub-commands that live in their own modules (``leaderboard``, ``report``, ``doctor``, ``ddpm``)."""
+    from .diffusion import add_subparser as add_ddpm
+    from .doctor import add_subparser as add_doctor
     from .present.cli import add_subparsers
 
-    return [add_subparsers]
+    return [add_subparsers, add_doctor, add_ddpm]
 
 
 def main(argv: list[str] | None = None) -> int:

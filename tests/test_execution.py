@@ -19,7 +19,8 @@ from cfbench.cli import main
 from cfbench.errors import UsageError
 from cfbench.execution import reference as XR
 from cfbench.execution.jobs import run_job
-from cfbench.execution.local import LocalExecutor, make_executor
+from cfbench.execution.executors import make_executor
+from cfbench.execution.local import LocalExecutor
 from cfbench.runner import execute
 from cfbench.store.io import load_tensors
 from cfbench.sweep import expand, load_grid

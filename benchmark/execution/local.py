@@ -208,23 +208,3 @@ class LocalExecutor:
 def run_jobs(jobs: Sequence[TrainingJob], *, progress: bool = False) -> list[Path]:
     """Run ``jobs`` serially in this process (what a direct, run-less use needs)."""
     return LocalExecutor(progress=progress).run(jobs)
-
-
-def make_executor(name: str = "local", *, workers: int | None = None, address: str | None = None,
-                  progress: bool = False, threads: int | None = 1, on_job=None, log=None):
-    """The executor called ``name`` (``local`` or ``ray``) for a run's declared jobs."""
-    from ..errors import UsageError
-
-    if name not in EXECUTORS:
-        raise UsageError(f"unknown executor {name!r}. Valid choices: {', '.join(EXECUTORS)}.")
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers {workers} is not valid: give a number >= 1.")
-    if name == "ray":
-        from .ray_executor import RayExecutor
-
-        return RayExecutor(address=address, workers=workers, progress=progress, threads=threads, on_job=on_job,
-                           log=log)
-    if address is not None:
-        raise UsageError("--address applies to --executor ray only.")
-    return LocalExecutor(workers=workers or default_workers(), progress=progress, threads=threads, on_job=on_job,
-                         log=log)
