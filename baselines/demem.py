@@ -1,51 +1,70 @@
 """DeMem (Luo & Li, "Privacy-Enhanced Robust Adversarial Learning via De-Memorization",
-arXiv 2412.05767, MLSP 2025): a sample-wise, loss-based de-memorization penalty on the
-high-risk (memorized) training samples only, added to an adversarial training method.
+arXiv 2412.05767, MLSP 2025): a sample-wise, loss-based de-memorisation penalty on the
+high-risk training samples only, added to an adversarial training method.
 
-The paper's exact loss is not available to cfbench (only the abstract-level facts in
-REFERENCES.md), so this is a **reconstruction**; every choice is stated here and in the
-record (``notes.defense.demem.choices``) and argued in docs/demem.md.
+The paper's exact loss is not available to cfbench; its abstract is the spec: DP hurts the
+low-risk, *typical* samples; DeMem applies a **sample-wise, loss-based de-memorisation
+penalty** to the **high-risk samples, identified through memorisation** (atypical samples
+that the model learns by heart *late in training*); PGD-AT on CIFAR-10: about 8% lower
+leakage at strict FPR with no loss of natural or robust accuracy.  This is a reconstruction;
+every choice is stated here, in the record (``notes.defense.demem.choices``) and in
+docs/demem.md.
 
-    L = 1/B sum_i [ l_i + beta * m_i * max(0, b - l_i) ]
+    L = 1/B sum_i [ l_i + beta_i * m_i * max(0, b_i - l_i) ]
 
-* ``l_i`` is the **base defense's own per-sample loss** (PGD-AT: CE on the PGD example;
+* ``l_i`` is the **base defense's own per-sample loss** (PGD-AT: CE on its PGD example;
   TRADES: CE(clean) + trades_beta * KL_i), from ``base.per_sample_loss`` with the base's own
-  adversarial examples -- DeMem holds a base instance built by :func:`cfbench.defenses.base.compose` and adds only the
-  penalty (``--set base=pgd-at|trades``; ``steps``, ``step_size``, ``trades_beta`` go to the
-  base's Params).
-* **Penalty: per-sample flooding** (Ishida et al. 2020, applied per sample as in iFlood, Xie
-  et al. 2022) on the selected samples: below the flood level ``b`` the gradient of a selected
-  sample's loss is scaled by ``1 - beta`` -- ``beta = 1`` stops the descent, ``beta = 2``
-  (default) is exactly flooding ``|l - b| + b`` (ascent back to ``b``), ``beta = 0`` is the
-  base defense bit for bit.  It stops the model from driving a memorized sample's loss
-  towards zero, which is what loss-based membership inference (LiRA, RMIA) detects.
-* **Flood level** ``b = flood``, default ``ln 2``: the cross-entropy at which the true class
-  has probability 1/2, so a high-risk sample is never fitted with more than even confidence
-  on the base's (adversarial) input.  ``flood=none`` takes instead the mean (detached) base
-  loss of the batch's *low-risk* samples (a high-risk sample may not be fit better than a
-  typical one); that was the first default, and on digits with PGD-AT it bound in only 0.6%
-  of the updates (the typical loss falls to ~0.02), so it left PGD-AT nearly unchanged
-  (docs/demem.md).
-* **Risk score**, per training sample, from running losses tracked during training: at each
-  step the batch's clean and adversarial (the base's PGD example) cross-entropies are
-  computed with the model in eval mode under ``no_grad`` (no batch-norm update, no random
-  draw: the training trajectory is untouched) and folded into exponential averages
-  (momentum ``ema`` per visit, i.e. per epoch; the first visit sets the value).
-  ``risk=loss``: the mean of the two running losses (samples that stay hard to fit are the
-  atypical, memorization-prone ones).  ``risk=oracle``: ``OUT_i - running clean loss_i``, where
-  ``OUT_i`` is the mean clean CE of sample i under the membership suite's reference models
-  that did *not* train on it (the target fits it better than models that never saw it: the
-  LiRA signal).  The oracle's reference models use the **base recipe** (no DeMem penalty),
-  ``oracle_models`` of them with reference seed ``oracle_seed`` (default 0, the ``mia``
-  evaluator's default), declared as training jobs (:func:`cfbench.execution.reference.reference_jobs`)
-  and run by the run's executor -- the same cache as a base run's own
-  membership evaluation, so after ``cfbench run --defense pgd-at`` they cost nothing.  They
-  train on subsets of the whole pool (members and non-members): a stronger-than-realistic
-  defender (it sees the population), stated in the record.
-* **High-risk set**: re-selected at the start of every epoch from ``warmup`` on: the top
-  ``fraction`` of the training set by risk, or every sample with risk >= ``threshold``.
-  ``select=all`` applies the same penalty (same ``b``) to every sample (the paper's ablation:
-  uniform treatment, as DP); ``select=random``: as many random samples as the high-risk set.
+  adversarial examples; ``beta = 0`` is the base bit for bit.
+* **Who (m_i), frozen after warm-up.**  The first ``warmup`` epochs (default: a quarter of the
+  schedule, at least 1) are plain base training.  At the start of epoch ``warmup`` the
+  high-risk set S is chosen once -- the top ``fraction`` by risk (or risk >= ``threshold``) --
+  and kept to the end.  Why frozen: version 1 re-selected every epoch by the *current*
+  running loss, so the set was always the samples the model was *failing* to fit, whose loss
+  is above any level -- the penalty could not act on them (0.6-3.3% of updates penalised).
+  The score must survive fitting: it is taken **before** the samples are fitted.
+
+  - ``risk=loss`` (default, a realistic defender): the running base loss at the end of
+    warm-up -- an exponential average (momentum ``ema`` per visit, one visit per epoch; the
+    first visit sets it) of ``l_i`` itself (detached, as trained: no extra forward pass, no
+    random draw, the trajectory is untouched).  Samples still hard after warm-up, when the
+    typical ones are fitted, are the atypical ones a network can only learn late, by heart.
+  - ``risk=oracle``: the **memorisation score** of Feldman & Zhang (2020) in loss form,
+    ``OUT_i - IN_i``: the mean base loss of sample i under the membership suite's reference
+    models that did *not* train on it minus the mean under those that did.  The reference
+    models use the **base recipe** (no penalty), ``oracle_models`` of them with reference
+    seed ``oracle_seed`` (the ``mia`` evaluator's default 0: a base run's reference models are
+    reused from the cache), declared as training jobs.  It does not depend on the target's
+    trajectory at all.  They trained on halves of the pool, members *and* non-members: a
+    stronger-than-realistic defender (stated in the record).
+
+* **When (b_i): a per-sample level.**  The penalty is active whenever a selected sample's loss
+  falls below its own level ``b_i``: below it the sample's gradient is scaled by ``1 -
+  beta_i`` (``beta = 2``, the default, is per-sample flooding ``|l - b| + b``, Ishida et al.
+  2020 / iFlood, Xie et al. 2022: ascent back to the level).
+
+  - ``level=warmup`` (default): ``b_i = level_scale x`` the sample's running loss at the end
+    of warm-up -- the loss it had before the model started memorising it, a proxy for the
+    loss of a model that never saw it (an atypical sample is one such models get wrong).
+  - ``level=out``: ``b_i = level_scale x OUT_i`` -- exactly "no better fitted than by a model
+    that did not train on it" (needs the oracle's reference models).
+  - a number: one level for every selected sample (version 1's ``flood``).
+
+* **Controls with matched prescribed mass** (``select``).  Every variant computes the same S
+  and levels b_S (the warm-up trajectory is the same bit for bit: no penalty acts before it
+  ends).  Mass = sum over penalised samples of ``beta_i``, with the level distribution:
+  ``select=random``: |S| samples drawn at random (seeded by the run seed), the levels b_S
+  assigned to them by a random bijection, the same ``beta`` -- same count, same levels, same
+  total weight; ``select=all``: every sample, each given a level of b_S (b_S tiled over a
+  random permutation), with ``beta_i = beta |S| / N`` -- the same total weight ``beta |S|``
+  and the same level distribution spread over everyone (the paper's contrast: uniform
+  treatment, as DP).  What is *realised* (how often and how far samples fall below their
+  levels) depends on which samples carry the levels, so every record carries, per epoch, the
+  **activity** (fraction of the penalised set's sample-updates in which the penalty was
+  active) and the realised **mass** (sum of ``beta_i * max(0, b_i - l_i)`` over the epoch's
+  updates, per training sample).
+
+State: the running losses, the frozen set and levels and the per-epoch log are defense state
+(``state_tensors``), so a resumed training continues bit for bit.
 """
 
 from __future__ import annotations
@@ -56,35 +75,40 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cfbench import params as P
 from cfbench.attacks.pgd import STEP_SIZE_HELP
-from cfbench.defenses.base import AdversarialDefense, Defense, compose
+from cfbench.defenses.base import AdversarialDefense, Batch, Defense, compose
 from cfbench.errors import UsageError
 from cfbench.params import param
 
 _TRADES_BETA = 6.0
-_LOG = ("epoch", "high_risk", "penalty_set", "penalised_updates", "updates", "flood_sum", "batches")
+#: per-epoch log columns (state tensor ``log``)
+_LOG = ("epoch", "penalty_set", "set_updates", "penalised_updates", "mass_sum", "level_sum", "updates")
 
 
 @dataclass(frozen=True)
 class DeMemParams:
     base: Literal["pgd-at", "trades"] = param("pgd-at", "adversarial training method the penalty is added to")
-    beta: float = param(2.0, "penalty weight: 0 = the base defense, 1 = stop descent below b, 2 = flooding", ge=0)
+    beta: float = param(2.0, "penalty weight: 0 = the base defense, 1 = stop descent below b_i, 2 = flooding", ge=0)
     select: Literal["high-risk", "all", "random"] = param(
-        "high-risk", "samples penalised: the high-risk set (DeMem), all (ablation), or as many random ones (control)")
+        "high-risk", "penalised samples: the high-risk set (DeMem), or the matched-mass controls: as many "
+                     "random samples with the same levels (random), every sample with beta |S|/N (all)")
     risk: Literal["loss", "oracle"] = param(
-        "loss", "risk score: running clean+adversarial loss, or reference models' OUT loss - running clean loss")
+        "loss", "risk score, frozen after warm-up: running base loss at the end of warm-up (loss), or the "
+                "reference models' OUT - IN base loss (oracle, Feldman-Zhang memorisation)")
     fraction: float = param(0.1, "high-risk set = this top fraction of the training set by risk", gt=0, le=1)
     threshold: float | None = param(None, "high-risk set = risk >= threshold instead of the top fraction")
-    flood: float | None = param(math.log(2), "flood level b of the per-sample loss (ln 2: p_y <= 1/2); "
-                                             "none = mean base loss of the batch's low-risk samples", ge=0)
-    ema: float = param(0.9, "momentum of the per-sample running losses (one update per visit)", ge=0, lt=1)
-    warmup: int = param(1, "epochs of plain base training before the first selection", ge=1)
-    oracle_models: int = param(8, "risk=oracle: reference models (base recipe, oracle_seed)", ge=2)
-    oracle_seed: int = param(0, "risk=oracle: reference seed of the oracle's models (the mia evaluator's default "
-                                "reference_seed, so a base run's membership models are shared)")
+    level: float | Literal["warmup", "out"] = param(
+        "warmup", "per-sample level b_i below which the penalty acts: warmup = the sample's running loss at "
+                  "the end of warm-up, out = its reference models' OUT loss (each x level_scale), or one number")
+    level_scale: float = param(1.0, "multiplies the warmup / out levels", gt=0)
+    ema: float = param(0.5, "momentum of the per-sample running losses (one update per visit)", ge=0, lt=1)
+    warmup: int | None = param(None, "epochs of plain base training before the set is frozen (default: a "
+                                     "quarter of the epochs, at least 1)", ge=1)
+    oracle_models: int = param(8, "risk=oracle / level=out: reference models (base recipe, oracle_seed)", ge=2)
+    oracle_seed: int = param(0, "risk=oracle / level=out: reference seed of the oracle's models (the mia "
+                                "evaluator's default reference_seed, so a base run's models are shared)")
     steps: int = param(10, "base: PGD steps of the inner maximisation", ge=1)
     step_size: float | None = param(None, "base: PGD " + STEP_SIZE_HELP, gt=0)
     trades_beta: float = param(_TRADES_BETA, "base=trades: TRADES' beta (KL weight)", ge=0)
@@ -94,34 +118,57 @@ class DeMemParams:
             raise UsageError(f"trades_beta={self.trades_beta} applies only to base=trades, not base={self.base}.")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise UsageError(f"threshold={self.threshold} must be a finite number (or none for the fraction rule).")
+        if isinstance(self.level, float) and not (math.isfinite(self.level) and self.level >= 0):
+            raise UsageError(f"level={self.level} must be a finite number >= 0, or one of: warmup, out.")
+
+    @property
+    def needs_references(self) -> bool:
+        return self.risk == "oracle" or self.level == "out"
 
 
-def reference_out_loss(models, in_mask: torch.Tensor, data, positions, device):
-    """Mean clean CE of each training example (``positions`` in ``data``'s pool) over the
-    reference ``models`` that did not train on it (``in_mask[i, n]``: model i trained on pool
-    example n).  Returns ``(out_loss, out_models_per_example)``."""
-    n_pool = len(data.pool_idx)
-    x, y = data.x_pool, data.y_pool
-    total, count = torch.zeros(n_pool, dtype=torch.float64), torch.zeros(n_pool)
-    for i, model in enumerate(models):
-        with torch.no_grad():
-            loss = torch.cat([F.cross_entropy(model(xb.to(device)), yb.to(device), reduction="none").cpu()
-                              for xb, yb in zip(x.split(512), y.split(512))])
-        total += torch.where(in_mask[i], 0.0, loss.double())
-        count += (~in_mask[i]).float()
-    pos = torch.as_tensor(np.asarray(positions), dtype=torch.long)
-    if (count[pos] == 0).any():
-        raise UsageError(f"risk=oracle: {int((count[pos] == 0).sum())} training examples are IN for all "
-                         f"{len(models)} reference models; raise oracle_models or use member_fraction=0.5.")
-    return (total[pos] / count[pos]).float(), count[pos]
+def warmup_epochs(p: DeMemParams, epochs: int | None) -> int:
+    """The warm-up length: ``warmup``, or a quarter of ``epochs`` (at least 1)."""
+    if p.warmup is not None:
+        return p.warmup
+    return max(1, math.ceil(0.25 * epochs)) if epochs else 1
+
+
+@torch.no_grad()
+def _base_losses(base: AdversarialDefense, model, x, y, ctx, seed: int) -> torch.Tensor:
+    """The base's per-sample loss of every (x, y) under ``model`` (eval mode), its adversarial
+    examples drawn under a forked RNG seeded with ``seed`` (the caller's RNG is untouched)."""
+    out = []
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for s in range(0, len(x), 256):
+            xb, yb = x[s:s + 256].to(ctx.device), y[s:s + 256].to(ctx.device)
+            batch = Batch(0, 0, torch.arange(s, s + len(xb)), ctx)
+            with torch.enable_grad():
+                x_adv = base.adversarial(model, xb, yb, batch)
+            per, _ = base.per_sample_loss(model, xb, yb, batch, x_adv=x_adv)
+            out.append(per.detach().float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def in_out_losses(losses: torch.Tensor, in_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss of each example over the models that trained on it (IN) and that did not (OUT);
+    ``losses[i, n]``, ``in_mask[i, n]``: model i trained on example n.  Raises where a side is empty."""
+    inn, out = in_mask.float(), (~in_mask).float()
+    if (inn.sum(0) == 0).any() or (out.sum(0) == 0).any():
+        bad = int(((inn.sum(0) == 0) | (out.sum(0) == 0)).sum())
+        raise UsageError(f"demem oracle: {bad} training examples are IN for all or for none of the reference "
+                         "models; raise oracle_models (>= 2, paired) or use member_fraction=0.5.")
+    return (losses * inn).sum(0) / inn.sum(0), (losses * out).sum(0) / out.sum(0)
 
 
 class DeMem(Defense):
-    """Luo & Li (2024): adversarial training + de-memorization penalty on high-risk samples only."""
+    """Luo & Li (2024): adversarial training + de-memorisation penalty on high-risk samples only."""
 
     name = "demem"
-    description = "DeMem (Luo & Li 2024): AT (pgd-at/trades) + per-sample flooding of high-risk samples only"
-    version = 1
+    description = ("DeMem (Luo & Li 2024): AT (pgd-at/trades) + per-sample flooding of a high-risk set frozen "
+                   "after warm-up, at per-sample levels")
+    version = 2
     family = "privacy"
     Params = DeMemParams
     contract_params = {"steps": 2}
@@ -134,101 +181,135 @@ class DeMem(Defense):
             values["beta"] = p.trades_beta
         self.base = compose(p.base, values, require=AdversarialDefense)
 
-    # -- training ------------------------------------------------------------------------
+    # -- the oracle's reference models -------------------------------------------------------------
+    def _references(self, x, y, ctx):
+        p = self.params
+        if ctx.config is None or ctx.data is None or ctx.pool_positions is None or ctx.cache_dir is None \
+                or ctx.run_jobs is None:
+            raise UsageError("demem risk=oracle / level=out needs the run's membership reference models: fit it "
+                             "through `cfbench run` (cfbench.training.recipe.fit_recipe with an executor), or use "
+                             "risk=loss with level=warmup.")
+        from cfbench.execution import reference as XR
+        from cfbench.mia.reference import reference_in_mask
+
+        base_cfg = ctx.config.with_defense(p.base, self.base.params)
+        jobs = XR.reference_jobs(base_cfg, ctx.data, p.oracle_models, ctx.cache_dir, seed=p.oracle_seed)
+        trained = sum(not j.path.exists() for j in jobs)
+        paths = ctx.run_jobs(jobs)
+        losses = torch.stack([_base_losses(self.base, XR.load_reference(base_cfg, ctx.data, path, ctx.device),
+                                           x, y, ctx, seed=1000 + i) for i, path in enumerate(paths)])
+        pool_in = reference_in_mask(len(ctx.data.pool_idx), int(ctx.data.member_mask.sum()), p.oracle_models,
+                                    p.oracle_seed)
+        in_mask = torch.from_numpy(pool_in[:, np.asarray(ctx.pool_positions)])
+        inn, out = in_out_losses(losses, in_mask)
+        info = {"recipe_hash": jobs[0].meta["recipe_hash"], "models": p.oracle_models,
+                "reference_seed": p.oracle_seed, "trained_now": trained,
+                "in_models_per_example_min": int(in_mask.sum(0).min()),
+                "out_models_per_example_min": int((~in_mask).sum(0).min()),
+                "note": "reference models trained on halves of the pool (members and non-members): a "
+                        "stronger-than-realistic defender"}
+        return inn, out, info
+
+    # -- training ------------------------------------------------------------------------------------
     def fit(self, model, x, y, ctx) -> None:
         from cfbench.training.loop import train
 
         p, n, dev = self.params, len(x), ctx.device
         self._n, self._log = n, []
-        self._ema = torch.zeros(2, n, device=dev)            # running clean, adversarial CE
+        self._warmup = warmup_epochs(p, ctx.train.epochs)
+        self._ema = torch.zeros(n, device=dev)
         self._seen = torch.zeros(n, dtype=torch.bool, device=dev)
-        self._top = self._mask = torch.zeros(n, dtype=torch.bool, device=dev)
-        self._out, oracle = None, None
-        if p.risk == "oracle":
-            if ctx.config is None or ctx.data is None or ctx.pool_positions is None or ctx.cache_dir is None \
-                    or ctx.run_jobs is None:
-                raise UsageError("demem risk=oracle needs the run's membership reference models: fit it through "
-                                 "`cfbench run` (cfbench.training.recipe.fit_recipe with an executor), or use risk=loss.")
-            from cfbench.execution import reference as XR
-            from cfbench.mia.reference import reference_in_mask
-
-            base_cfg = ctx.config.with_defense(p.base, self.base.params)
-            jobs = XR.reference_jobs(base_cfg, ctx.data, p.oracle_models, ctx.cache_dir, seed=p.oracle_seed)
-            trained = sum(not j.path.exists() for j in jobs)
-            paths = ctx.run_jobs(jobs)
-            models = (XR.load_reference(base_cfg, ctx.data, path, dev) for path in paths)
-            in_mask = torch.from_numpy(reference_in_mask(len(ctx.data.pool_idx), int(ctx.data.member_mask.sum()),
-                                                         p.oracle_models, p.oracle_seed))
-            out, count = reference_out_loss(models, in_mask, ctx.data, ctx.pool_positions, dev)
-            oracle = {"recipe_hash": jobs[0].meta["recipe_hash"], "models": p.oracle_models,
-                      "reference_seed": p.oracle_seed, "trained_now": trained,
-                      "out_models_per_example_min": int(count.min())}
-            self._out = out.to(dev)
-        if ctx.train.epochs is not None and p.warmup >= ctx.train.epochs:
-            ctx.warnings.append(f"demem: warmup={p.warmup} >= epochs={ctx.train.epochs}: no penalty was applied")
+        self._top = torch.zeros(n, dtype=torch.bool, device=dev)       # the frozen high-risk set S
+        self._mask = torch.zeros(n, dtype=torch.bool, device=dev)      # the penalised set
+        self._level = torch.zeros(n, device=dev)                       # b_i of the penalised samples
+        self._weight = torch.zeros(n, device=dev)                      # beta_i of the penalised samples
+        self._frozen = torch.zeros((), dtype=torch.bool)
+        self._in = self._out = None
+        oracle = None
+        if p.needs_references:
+            self._in, self._out, oracle = self._references(x, y, ctx)
+            self._in, self._out = self._in.to(dev), self._out.to(dev)
+        if ctx.train.epochs is not None and self._warmup >= ctx.train.epochs:
+            ctx.warnings.append(f"demem: warmup={self._warmup} >= epochs={ctx.train.epochs}: no penalty was applied")
         train(model, x, y, ctx, self.loss, state=self)
         self._record(ctx, oracle)
 
-    @torch.no_grad()
-    def _track(self, model, x, x_adv, y, idx) -> None:
-        was = model.training
-        model.eval()
-        try:
-            loss = F.cross_entropy(model(torch.cat([x, x_adv])), torch.cat([y, y]), reduction="none")
-        finally:
-            model.train(was)
-        new = loss.view(2, -1)
-        old = self._ema[:, idx]
-        m = self.params.ema
-        self._ema[:, idx] = torch.where(self._seen[idx], m * old + (1 - m) * new, new)
-        self._seen[idx] = True
-
     def risk_scores(self) -> torch.Tensor:
-        """Current risk score of every training sample (-inf where not yet seen)."""
-        clean, adv = self._ema
-        r = self._out - clean if self._out is not None else 0.5 * (clean + adv)
-        return torch.where(self._seen, r, torch.full_like(r, -math.inf))
+        """The risk score of every training sample now (frozen into S at the end of warm-up)."""
+        if self.params.risk == "oracle":
+            return self._out - self._in
+        return torch.where(self._seen, self._ema, torch.full_like(self._ema, -math.inf))
+
+    def levels(self) -> torch.Tensor:
+        """b_i for every training sample by the ``level`` rule (before assignment to the penalised set)."""
+        p = self.params
+        if p.level == "warmup":
+            return p.level_scale * self._ema
+        if p.level == "out":
+            return p.level_scale * self._out
+        return torch.full_like(self._ema, float(p.level))
+
+    def _freeze(self, ctx) -> None:
+        p, n = self.params, self._n
+        r = self.risk_scores()
+        top = torch.zeros_like(self._seen)
+        if p.threshold is not None:
+            top = torch.isfinite(r) & (r >= p.threshold)
+        else:
+            k = min(math.ceil(p.fraction * n), int(torch.isfinite(r).sum()))
+            top[torch.topk(r, k).indices] = True
+        b_all = self.levels()
+        sel = torch.nonzero(top).flatten()
+        b_sel = b_all[sel]
+        g = torch.Generator().manual_seed(ctx.seed * 100_003 + 0x5EED)
+        mask, level, weight = torch.zeros_like(top), torch.zeros_like(self._level), torch.zeros_like(self._weight)
+        if p.select == "high-risk":
+            mask, level[sel], weight[sel] = top, b_sel, p.beta
+        elif p.select == "random":
+            chosen = torch.randperm(n, generator=g)[:len(sel)].to(top.device)
+            mask[chosen] = True
+            level[chosen] = b_sel[torch.randperm(len(sel), generator=g).to(top.device)]
+            weight[chosen] = p.beta
+        elif len(sel):                                             # all: every sample, levels of S tiled
+            mask[:] = True
+            tiled = b_sel[torch.randperm(len(sel), generator=g).to(top.device)].repeat(math.ceil(n / len(sel)))[:n]
+            level[:] = tiled[torch.randperm(n, generator=g).to(top.device)]
+            weight[:] = p.beta * len(sel) / n
+        self._top, self._mask, self._level, self._weight = top, mask, level, weight
+        self._frozen = torch.ones((), dtype=torch.bool)
 
     def on_epoch_start(self, model, epoch, ctx) -> None:
         self.base.on_epoch_start(model, epoch, ctx)
-        p, n = self.params, self._n
-        top = torch.zeros_like(self._seen)
-        active = epoch >= p.warmup and bool(self._seen.any())
-        if active:
-            r = self.risk_scores()
-            if p.threshold is not None:
-                top = self._seen & (r >= p.threshold)
-            else:
-                top[torch.topk(r, min(math.ceil(p.fraction * n), int(self._seen.sum()))).indices] = True
-        mask = top
-        if p.select == "all":
-            mask = torch.full_like(top, active)
-        elif p.select == "random":
-            g = torch.Generator().manual_seed(ctx.seed * 100_003 + epoch + 0x5EED)
-            mask = torch.zeros_like(top)
-            mask[torch.randperm(n, generator=g)[:int(top.sum())].to(mask.device)] = True
-        self._top, self._mask = top, mask
-        self._log.append([epoch, int(top.sum()), int(mask.sum()), 0, 0, 0.0, 0])
+        if epoch >= self._warmup and not bool(self._frozen):
+            self._freeze(ctx)
+        self._log.append([epoch, int(self._mask.sum()), 0, 0, 0.0, 0.0, 0])
 
     def loss(self, model, x, y, batch):
-        p = self.params
         x_adv = self.base.adversarial(model, x, y, batch)
-        idx = batch.indices.to(self._seen.device)
-        self._track(model, x, x_adv, y, idx)
         per, logits = self.base.per_sample_loss(model, x, y, batch, x_adv=x_adv)
-        mask, typical, d = self._mask[idx], ~self._top[idx], per.detach()
-        b = p.flood if p.flood is not None else (d[typical].mean() if typical.any() else d.mean())
-        total = per.mean() + p.beta * (mask * F.relu(b - per)).mean()
+        idx = batch.indices.to(self._seen.device)
+        d = per.detach()
+        if not bool(self._frozen):                                 # warm-up: track the running loss
+            m = self.params.ema
+            self._ema[idx] = torch.where(self._seen[idx], m * self._ema[idx] + (1 - m) * d, d)
+            self._seen[idx] = True
+            return per.mean(), logits
+        mask, b, w = self._mask[idx], self._level[idx], self._weight[idx]
+        hinge = mask * torch.relu(b - per)
+        total = per.mean() + (w * hinge).mean()
         row = self._log[-1]
+        row[2] += int(mask.sum())
         row[3] += int((mask & (d < b)).sum())
-        row[4] += len(idx)
-        row[5] += float(b)
-        row[6] += 1
+        row[4] += float((w * hinge.detach()).sum())
+        row[5] += float((b * mask).sum())
+        row[6] += len(idx)
         return total, logits
 
-    # -- state and record ----------------------------------------------------------------
+    # -- state and record ----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        t = {"ema": self._ema, "seen": self._seen.to(torch.uint8),
+        t = {"ema": self._ema, "seen": self._seen.to(torch.uint8), "top": self._top.to(torch.uint8),
+             "mask": self._mask.to(torch.uint8), "level": self._level, "weight": self._weight,
+             "frozen": self._frozen.to(torch.uint8).reshape(1),
              "log": torch.tensor(self._log, dtype=torch.float64).reshape(-1, len(_LOG))}
         t.update({f"base.{k}": v for k, v in self.base.state_tensors().items()})
         return t
@@ -236,33 +317,58 @@ class DeMem(Defense):
     def load_state_tensors(self, tensors) -> None:
         dev = self._seen.device
         self._ema, self._seen = tensors["ema"].to(dev), tensors["seen"].to(dev).bool()
-        self._log = [[int(v) for v in r[:5]] + [float(r[5]), int(r[6])] for r in tensors["log"].tolist()]
+        self._top, self._mask = tensors["top"].to(dev).bool(), tensors["mask"].to(dev).bool()
+        self._level, self._weight = tensors["level"].to(dev), tensors["weight"].to(dev)
+        self._frozen = tensors["frozen"].bool().reshape(())
+        self._log = [[int(v) for v in r[:4]] + [float(r[4]), float(r[5]), int(r[6])] for r in tensors["log"].tolist()]
         self.base.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("base.")})
 
     def _record(self, ctx, oracle) -> None:
         p, n = self.params, self._n
-        rows = [dict(zip(_LOG, r)) for r in self._log]
-        for r in rows:
-            r["mean_flood_level"] = r.pop("flood_sum") / max(r.pop("batches"), 1)
-        on = [r for r in rows if r["epoch"] >= p.warmup]
-        last = rows[-1] if rows else {"high_risk": 0, "penalty_set": 0}
+        rows = []
+        for r in self._log:
+            row = dict(zip(_LOG, r))
+            su = row["set_updates"]
+            row["activity"] = row["penalised_updates"] / su if su else None
+            row["mass_per_sample"] = row.pop("mass_sum") / n
+            row["mean_level"] = row.pop("level_sum") / su if su else None
+            rows.append(row)
+        on = [r for r in rows if r["epoch"] >= self._warmup]
+        su = sum(r["set_updates"] for r in on)
+        sel = torch.nonzero(self._top).flatten().cpu()
+        pen = torch.nonzero(self._mask).flatten().cpu()
         ctx.metrics.update({
-            "demem.high_risk_fraction": last["high_risk"] / n, "demem.penalty_set_fraction": last["penalty_set"] / n,
-            "demem.penalised_fraction": (sum(r["penalised_updates"] for r in on) /
-                                         max(sum(r["updates"] for r in on), 1)),
+            "demem.high_risk_fraction": len(sel) / n,
+            "demem.penalty_set_fraction": len(pen) / n,
+            "demem.penalty_activity": sum(r["penalised_updates"] for r in on) / su if su else 0.0,
+            "demem.penalty_mass": sum(r["mass_per_sample"] for r in on),
+            "demem.prescribed_weight": float(self._weight.sum()) / n,
+            "demem.mean_level": float(self._level[self._mask].mean()) if len(pen) else None,
         })
+        pos = None if ctx.pool_positions is None else np.asarray(ctx.pool_positions)
         ctx.notes["demem"] = {
             "reconstruction": "paper's loss unavailable; see the cfbench_baselines.demem docstring and docs/demem.md",
             "choices": {
-                "loss": "mean_i [l_i + beta * m_i * relu(b - l_i)], l_i = base.per_sample_loss (per-sample flooding)",
-                "flood_level": (f"fixed {p.flood}" if p.flood is not None
-                                else "mean detached base loss of the batch's low-risk samples"),
-                "risk": ("OUT_i - EMA clean CE_i; OUT_i = mean clean CE over base-recipe reference models without i "
-                         "(trained on the pool incl. non-members)" if p.risk == "oracle"
-                         else "mean of the EMAs of clean and adversarial CE (eval mode, in-batch, augmented inputs)"),
-                "selection": (f"risk >= {p.threshold}" if p.threshold is not None else f"top {p.fraction} by risk")
-                + f", re-selected every epoch from epoch {p.warmup}; penalty on: {p.select}",
+                "loss": "mean_i [l_i + beta_i * m_i * relu(b_i - l_i)], l_i = base.per_sample_loss (per-sample flooding)",
+                "selection": ((f"risk >= {p.threshold}" if p.threshold is not None else f"top {p.fraction} by risk")
+                              + f", frozen at the start of epoch {self._warmup} (0-based) to the end"),
+                "risk": ("OUT_i - IN_i: mean base loss over base-recipe reference models without / with i "
+                         "(Feldman-Zhang memorisation; models trained on the pool incl. non-members)"
+                         if p.risk == "oracle" else
+                         f"running base loss at the end of warm-up (EMA {p.ema} per visit, detached, as trained)"),
+                "level": (f"{p.level_scale} x running base loss at the end of warm-up" if p.level == "warmup" else
+                          f"{p.level_scale} x reference models' OUT base loss" if p.level == "out" else
+                          f"fixed {p.level}"),
+                "penalised": {"high-risk": "the high-risk set S, its own levels, beta",
+                              "random": "|S| random samples, the levels of S by a random bijection, beta "
+                                        "(matched: count, level distribution, total weight beta |S|)",
+                              "all": "every sample, the levels of S tiled at random, beta |S| / N "
+                                     "(matched: level distribution, total weight beta |S|)"}[p.select],
             },
+            "warmup_epochs": self._warmup,
             "base": {"name": p.base, "params": P.to_dict(self.base.params)},
             "oracle": oracle, "epochs": rows,
+            "high_risk_train_index": sel.tolist(),
+            "high_risk_pool_positions": None if pos is None else pos[sel.numpy()].tolist(),
+            "penalised_pool_positions": None if pos is None else pos[pen.numpy()].tolist(),
         }

@@ -11,11 +11,12 @@ __version__ = "0.1.0"
 PLUGIN_API_VERSION = 1
 
 
-def load_model(run_dir):
-    """Load the final, evaluated model of a finished run (see :func:`cfbench.results.load_model`)."""
-    from .results import load_model as _load
+def load_model(run_dir, device: str = "cpu"):
+    """Load the final, evaluated model of a finished run (see :func:`cfbench.store.models.load_model`:
+    the run verified when it saved it that the reloaded model reproduces its logits exactly)."""
+    from .store.models import load_model as _load
 
-    return _load(run_dir)
+    return _load(run_dir, device)
 
 
 __all__ = ["__version__", "PLUGIN_API_VERSION", "load_model"]

@@ -21,13 +21,23 @@ included) is stored in the record, so nothing is hidden.  Every value is cast to
 declared type; unknown keys are errors with close-match suggestions.
 
 The hash covers everything that changes a result: dataset, model, defense (with their
-versions), all parameters, evaluators (with versions), and the seed.  It does not cover
-the device, the data directory or the output directory.
+versions), all parameters, evaluators (with versions), the seed, and the device *type*
+(``cpu`` or ``cuda``: their kernels give different numbers, so a CPU record is never reused
+for a CUDA run).  It does not cover the device index (``cuda:0`` and ``cuda:1`` are one
+type), ``--deterministic`` (recorded, see :func:`apply_determinism`), the data directory or
+the output directory.  Adding the device type changed every config hash, hence every run id,
+of earlier cfbench versions.
+
+A dataset may declare literature defaults for defenses (``default_defense_settings``, e.g.
+MNIST's 40 PGD steps of 0.01 for ``pgd-at``): they fill the defense's fields the user did not
+set, exactly like its ``default_evaluator_settings`` do for evaluators.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,6 +108,8 @@ class RunConfig:
     device: str = "cpu"
     data_dir: str | None = None
     download: bool = False
+    #: torch.use_deterministic_algorithms for the run (recorded; not part of the hash)
+    deterministic: bool = False
     #: {"dataset"|"model"|"defense": {"name", "version"[, "file_sha256"]}, "evaluators": {name: {...}}}
     components: dict[str, Any] = field(default_factory=dict)
     #: {"shape": [C, H, W], "num_classes": int, "augmentation": str}
@@ -139,19 +151,69 @@ class RunConfig:
             "data": P.to_dict(self.data),
             "evaluators": ev,
             "seed": self.seed,
+            "device_type": device_type(self.device),
         }
 
     def config_hash(self) -> str:
         return canonical_hash(self.canonical())
 
     def run_id(self) -> str:
-        return f"{self.dataset}-{self.defense}-{self.model}-s{self.seed}-{self.config_hash()[:10]}"
+        """``<dataset>-<defense>-<model>-s<seed>-<hash10>``: one folder name, whatever the names hold
+        (registration refuses names outside ``[a-z0-9][a-z0-9._-]*``; :func:`safe_name` is the
+        second line of defence, so no name can reach outside ``--out``)."""
+        return (f"{safe_name(self.dataset)}-{safe_name(self.defense)}-{safe_name(self.model)}-s{self.seed}-"
+                f"{self.config_hash()[:10]}")
 
     def to_dict(self) -> dict[str, Any]:
         d = self.canonical()
         d["device"] = self.device
         d["data_dir"] = self.data_dir
+        d["deterministic"] = self.deterministic
         return d
+
+
+def device_type(device: str) -> str:
+    """``cpu`` or ``cuda`` (``cuda:1`` -> ``cuda``): the part of the device in a run's identity."""
+    return str(device).split(":", 1)[0]
+
+
+def apply_determinism(enabled: bool) -> None:
+    """``--deterministic``: ``torch.use_deterministic_algorithms(True)`` (an op without a
+    deterministic implementation raises instead of running), cuDNN's deterministic kernels
+    without benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (which deterministic cuBLAS
+    needs on CUDA >= 10.2; set before the first CUDA call).  On CPU cfbench's ops are
+    deterministic already; the switch matters on CUDA.  ``False`` leaves torch as it is."""
+    if not enabled:
+        return
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a piece of a folder name: every character outside ``[A-Za-z0-9._-]`` (``/``,
+    ``\\``, spaces, ...) becomes ``_`` and leading dots are dropped (no hidden folder, no ``..``);
+    a valid component name is unchanged."""
+    out = re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).lstrip(".")
+    return out or "_"
+
+
+def check_eps(threat: ThreatParams, shape) -> None:
+    """The threat radius must be finite and inside the input range: inputs lie in [0, 1], so an
+    Linf radius above 1 and an L2 radius above sqrt(C*H*W) (the diameter of the image cube)
+    allow any image at all and measure nothing."""
+    eps = float(threat.eps)
+    c_h_w = math.prod(int(v) for v in shape)
+    top, what = (1.0, "1 (images lie in [0, 1])") if threat.norm == "Linf" else (
+        math.sqrt(c_h_w), f"sqrt(C*H*W) = sqrt({c_h_w}) = {math.sqrt(c_h_w):.4g}, the diameter of the image cube")
+    if not math.isfinite(eps) or not 0 <= eps <= top:
+        raise UsageError(f"threat.eps={eps!r} is outside the valid range for the {threat.norm} threat model: "
+                         f"0 <= eps <= {what}.")
 
 
 def _digest(comp: dict[str, Any]) -> dict[str, str]:
@@ -186,7 +248,7 @@ def parse_sets(items: list[str] | None) -> list[tuple[str, str]]:
 def make_config(*, dataset: str = "digits", defense: str = "erm", model: str | None = None, seed: int = 0,
                 sets: list[tuple[str, Any]] | dict[str, Any] | None = None,
                 evaluators: tuple[str, ...] | list[str] | None = None, device: str = "cpu",
-                data_dir: str | None = None, download: bool = False) -> RunConfig:
+                data_dir: str | None = None, download: bool = False, deterministic: bool = False) -> RunConfig:
     """Build and validate a :class:`RunConfig` (raises :class:`UsageError` on bad input)."""
     spec_cls = get("dataset", dataset)
     defense_cls = get("defense", defense)
@@ -236,6 +298,9 @@ def make_config(*, dataset: str = "digits", defense: str = "erm", model: str | N
         sec, _, name = key.partition(".")
         if sec in evaluators and name not in values[sec]:
             values[sec][name] = value
+    for name, value in (getattr(spec_cls, "default_defense_settings", {}).get(defense) or {}).items():
+        if name not in values["defense"]:
+            values["defense"][name] = value
     built = {s: P.build(c, values[s], where=f"{s}.") for s, c in sections.items()}
     if device.startswith("cuda"):
         import torch
@@ -249,6 +314,7 @@ def make_config(*, dataset: str = "digits", defense: str = "erm", model: str | N
     threat = built["threat"]
     if threat.eps is None:
         threat = dataclasses.replace(threat, eps=spec.default_eps if threat.norm == "Linf" else spec.default_eps_l2)
+    check_eps(threat, spec.shape)
     components = {"dataset": _component("dataset", dataset), "model": _component("model", model),
                   "defense": _component("defense", defense),
                   "evaluators": {e: _component("evaluator", e) for e in evaluators}}
@@ -257,7 +323,8 @@ def make_config(*, dataset: str = "digits", defense: str = "erm", model: str | N
                     defense_params=built["defense"], model_params=built["model"], train=train,
                     threat=threat, data=built["data"], evaluators=evaluators,
                     evaluator_params={e: built[e] for e in evaluators}, device=device, data_dir=data_dir,
-                    download=download, components=components, dataset_info=info)
+                    download=download, deterministic=bool(deterministic), components=components,
+                    dataset_info=info)
     check = getattr(defense_cls, "check_config", None)
     if callable(check):
         check(cfg)

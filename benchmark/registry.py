@@ -112,7 +112,7 @@ class Entry:
                 raise PluginError(self._failure())
             try:
                 self.obj = _resolve(self.target)  # type: ignore[arg-type]
-            except (Exception, SystemExit) as e:  # noqa: BLE001 - report any import failure of a plugin
+            except (Exception, SystemExit) as e:  # report any import failure of a plugin (even an exit)
                 self.error = _describe_exception(e)
                 raise PluginError(self._failure()) from e
         return self.obj

@@ -20,18 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, apply_determinism
 from .errors import UsageError
 from .evaluators.base import EvalContext
+from .evaluators.sanity import merge_flags
 from .execution.local import LocalExecutor
 from .registry import get, registry
-from .store import CACHE_DIR, EXAMPLES, MODEL, RECORD, SCHEMA_VERSION, versions, write_json
+from .store import CACHE_DIR, EXAMPLES, MODEL, PER_EXAMPLE, RECORD, SCHEMA_VERSION, versions, write_json
 from .store.io import atomic_write_text, remove_stale_temps, save_npz_atomic
 from .store.lifecycle import (ERROR, clean_finished, finished_record, fresh_staging, recover, run_lock,
                               staging_dir, swap_in, trash_dir)
 from .store.record import SPLITS
 from .store.examples import save_examples
 from .store.models import save_model
+from .progress import log_line
 from .training.recipe import fit_recipe, load_data, model_meta, threat_of
 
 
@@ -41,6 +43,37 @@ def component_info(kind: str, name: str) -> dict[str, Any]:
     return {"name": name, "version": getattr(cls, "version", 1), **entry.provenance(),
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "family": getattr(cls, "family", None), "description": getattr(cls, "description", "")}
+
+
+def near_chance(metrics: dict[str, Any], num_classes: int) -> list[str]:
+    """A warning when clean accuracy is within 10 points of chance (a barely trained model:
+    its robustness and privacy numbers mean little)."""
+    m = metrics.get("clean.accuracy")
+    v = m.get("value") if isinstance(m, dict) else None
+    chance = 1.0 / num_classes
+    if isinstance(v, (int, float)) and v < chance + 0.10:
+        return [f"clean accuracy {100 * v:.1f}% is near chance ({100 * chance:.0f}%): the model is barely trained "
+                "(raise train.epochs or check lr); its robustness and privacy numbers mean little"]
+    return []
+
+
+def cost_plan(cfg: RunConfig, n_train: int) -> str:
+    """What the run will compute, counted from its protocol (not a time guess)."""
+    import math
+
+    steps = math.ceil(n_train / cfg.train.batch_size) * cfg.train.epochs
+    inner = int(getattr(cfg.defense_params, "steps", 0) or 0) if cfg.defense != "cf-at" else 0
+    passes = steps * (1 + inner)
+    parts = [f"target: {steps:,} training steps x {1 + inner} forward-backward passes = {passes:,}"]
+    mia = cfg.evaluator_params.get("mia")
+    k = int(getattr(mia, "reference_models", 0) or 0) if mia is not None else 0
+    if k:
+        parts.append(f"{k} reference models of the same recipe ({k * passes:,} passes; cached ones are reused)")
+    aa = cfg.evaluator_params.get("autoattack")
+    if aa is not None:
+        parts.append(f"AutoAttack on {aa.n_examples} test images (up to ~1,900 gradient steps and 5,000 Square "
+                     "queries each; robust ones only after the first attack)")
+    return "plan: " + "; ".join(parts)
 
 
 def check_namespace(evaluator: str, metrics: dict[str, Any], namespaces: dict[str, str],
@@ -116,6 +149,7 @@ def _record_failure(run_dir: Path, record: dict[str, Any], tb: str, log) -> None
 def _attempt(cfg: RunConfig, out: Path, run_dir: Path, run_id: str, *, progress: bool, log,
              executor) -> dict[str, Any]:
     """One attempt of the run in ``run_dir``: its record (written last), or the exception."""
+    apply_determinism(cfg.deterministic)
     namespaces = {e: get("evaluator", e).metric_namespace() for e in cfg.evaluators}
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id,
@@ -127,9 +161,10 @@ def _attempt(cfg: RunConfig, out: Path, run_dir: Path, run_id: str, *, progress:
                        "defense": component_info("defense", cfg.defense),
                        "evaluators": {e: component_info("evaluator", e) for e in cfg.evaluators}},
         "versions": versions(), "splits": None, "timings": {}, "warnings": [], "metrics": {},
-        "notes": {}, "history": [], "jobs": [], "examples": [],
+        "notes": {}, "history": [], "jobs": [], "examples": [], "flags": [],
     }
     declared: list[dict[str, Any]] = record["jobs"]
+    per_example: dict[str, Any] = {}
     own_executor = executor is None
     if own_executor:
         executor = LocalExecutor(progress=progress)
@@ -140,9 +175,11 @@ def _attempt(cfg: RunConfig, out: Path, run_dir: Path, run_id: str, *, progress:
         t0 = time.perf_counter()
         data = load_data(cfg)
         save_npz_atomic(run_dir / SPLITS, {"pool_idx": data.pool_idx, "member_mask": data.member_mask,
-                                           "test_idx": data.test_idx, "split_seed": np.array(data.split_seed)})
+                                           "test_idx": data.test_idx, "split_seed": int(data.split_seed)})
         record["splits"] = data.summary()
         timings["data"] = time.perf_counter() - t0
+        if progress:
+            log_line(cost_plan(cfg, len(data.member_idx)))
         # jobs the evaluators can name from the recipe alone (MIA reference models): start them now
         executor.submit([job for name in cfg.evaluators
                          for job in get("evaluator", name)(cfg.evaluator_params[name]).declare_jobs(
@@ -162,8 +199,9 @@ def _attempt(cfg: RunConfig, out: Path, run_dir: Path, run_id: str, *, progress:
         record["metrics"].update(fctx.metrics)
         record["notes"]["defense"] = fctx.notes
         record["warnings"].extend(fctx.warnings)
+        # refused (the run fails) unless the reloaded file reproduces these logits bit for bit
         save_model(model, run_dir / MODEL, {**model_meta(cfg, data, fctx), "run_id": run_id,
-                                            "config_hash": record["config_hash"]})
+                                            "config_hash": record["config_hash"]}, probe=data.x_test[:64])
 
         ectx = EvalContext(model=model, config=cfg, data=data, threat=threat_of(cfg), device=torch.device(cfg.device),
                            run_dir=run_dir, cache_dir=out / CACHE_DIR, seed=cfg.seed, progress=progress,
@@ -172,15 +210,20 @@ def _attempt(cfg: RunConfig, out: Path, run_dir: Path, run_id: str, *, progress:
             t0 = time.perf_counter()
             ev = get("evaluator", name)(cfg.evaluator_params[name])
             if progress:
-                log(f"  evaluating {name} ...")
+                log_line(f"evaluating {name} ...")
             res = ev.evaluate(ectx)
-            check_namespace(name, res.metrics, namespaces, record["metrics"])
+            check_namespace(name, {**res.metrics, **res.per_example}, namespaces, {**record["metrics"], **per_example})
+            per_example.update(res.per_example)
             record["metrics"].update(res.metrics)
             record["warnings"].extend(res.warnings)
+            record["warnings"].extend(near_chance(res.metrics, data.dataset.num_classes))
             record["notes"].update(res.notes)
+            merge_flags(record["flags"], res.flags)  # named sanity flags, one entry per name
             timings[f"eval.{name}"] = time.perf_counter() - t0
             for k, v in res.timings.items():
                 timings[f"eval.{name}.{k}"] = v
+        if per_example:
+            save_npz_atomic(run_dir / PER_EXAMPLE, {k: np.asarray(v) for k, v in per_example.items()})
         # example images of the defense (e.g. cf-at's counterfactuals) and of the evaluators:
         # one channel, one file (never fails the run)
         saved, problems = save_examples({**fctx.examples, **ectx.examples}, run_dir / EXAMPLES)

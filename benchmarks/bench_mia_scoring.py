@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cfbench.mia import metrics as M
 from cfbench.mia import scores as S
 
@@ -68,11 +67,30 @@ def test_lira_offline(benchmark, lira_data, two_sided):
 
 
 @pytest.mark.parametrize("online", [True, False])
-def test_rmia(benchmark, rmia_data, online):
+@pytest.mark.parametrize("variant", ["probabilities", "log-continuous"])
+def test_rmia(benchmark, rmia_data, online, variant):
+    """Side by side: version 1's discrete score on probabilities and version 2's float64
+    log-space score with the continuous tie-break (what the evaluator runs)."""
     target_p, ref_p, in_mask, target_pop, ref_pop, member = rmia_data
-    sc = _run(benchmark, S.rmia_scores, target_p, ref_p, in_mask, target_pop, ref_pop,
-              online=online)
+    if variant == "probabilities":
+        args, kw = (target_p, ref_p, in_mask, target_pop, ref_pop), {}
+    else:
+        lg = lambda v: np.log(v.astype(np.float64))
+        args, kw = (lg(target_p), lg(ref_p), in_mask, lg(target_pop), lg(ref_pop)), {"log_inputs": True,
+                                                                                     "continuous": True}
+    sc = _run(benchmark, S.rmia_scores, *args, online=online, **kw)
     assert sc.shape == (N,) and M.auc(sc, member) > 0.55
+
+
+def test_audit_epsilon_lower_bound(benchmark, lira_data):
+    """The DP audit's two bounds over 100,000 trials (every ROC vertex a candidate threshold)."""
+    from cfbench.mia import audit as AU
+
+    target, ref, in_mask, member = lira_data
+    sc = S.lira_online(target, ref, in_mask, True)
+    out = _run(benchmark, lambda: (AU.epsilon_lower_bound(sc, member, 1e-5),
+                                   AU.epsilon_lower_bound_max(sc, member, 1e-5)))
+    assert 0 < out[0]["value"] and 0 < out[1]["value"]
 
 
 def test_lira_phi_from_logits(benchmark):

@@ -9,19 +9,21 @@ Run either way:
     .venv/bin/python benchmarks/bench_mia_vs_training.py [--recipe digits|fashion-mnist]
 
 Scoring side (synthetic signals, generated once and not timed; same shapes as the evaluator
-holds them: reference phi / p as float32 (K, N, A), threshold scores float64 (K, N)):
+holds them since evaluator version 2: phi and log p_y float64 (K, N, A), threshold scores
+float64 (K, N)):
 K = 64 reference models, N = 100,000 candidates, A = 2 query augmentations, Z = 10,000
 population points, 10 classes.  Timed:
 
 * ``lira_rmia``: the six reference-model attacks exactly as the evaluator computes them
-  (LiRA online / online-fixed / offline / offline-fixed, RMIA online / offline, the latter
-  once per augmentation);
+  (LiRA online / online-fixed / offline / offline-fixed, RMIA online / offline in float64 log
+  space with the continuous tie-break, the latter once per augmentation);
 * ``scoring``: the evaluator's whole scoring stage, :func:`attack_scores` (adds the four
   class-threshold fits on a 500,000-signal shadow subset and the threshold-free attacks) plus
   :func:`summarize_attacks` (AUC, balanced accuracy, TPR at 1%, 0.1%, 0.01% FPR with
   Clopper-Pearson intervals, down-sampled ROC) for all 17 attacks.
 
-Training side: :func:`cfbench.mia.reference.train_reference` of reference model 0 for the
+Training side: the training job of reference model 0 (:func:`cfbench.execution.reference.reference_job`,
+run by :func:`cfbench.execution.jobs.run_job`) for the
 default ``digits`` PGD-AT recipe (cnn8, 30 epochs, 648 examples, PGD-10) -- the cheapest
 recipe cfbench has, so the ratio is a conservative one -- or with ``--recipe fashion-mnist``
 the Fashion-MNIST PGD-AT recipe of the validation run (cnn28, 10 epochs, 2,000 examples).
@@ -58,12 +60,12 @@ def synthetic_signals(seed: int = 0):
     phi = rng.standard_normal((K, N, A), dtype=np.float32)
     phi += offset[None, :, None]
     phi += in_mask[:, :, None]
-    refs = {"phi": phi, "p": (1.0 / (1.0 + np.exp(-phi))).astype(np.float32),
-            "p_pop": rng.beta(4, 2, (K, Z, A)).astype(np.float32)}
+    phi = phi.astype(np.float64)
+    refs = {"phi": phi, "logp": -np.logaddexp(0.0, -phi), "logp_pop": np.log(rng.beta(4, 2, (K, Z, A)))}
     for name in ("loss", "confidence", "entropy", "modified_entropy"):
         refs[name] = rng.standard_normal((K, N)) + in_mask
     tphi = offset[:, None] + member[:, None] + rng.standard_normal((N, A))
-    target = {"phi": tphi, "p": 1.0 / (1.0 + np.exp(-tphi)), "p_pop": rng.beta(4, 2, (Z, A))}
+    target = {"phi": tphi, "logp": -np.logaddexp(0.0, -tphi), "logp_pop": np.log(rng.beta(4, 2, (Z, A)))}
     for name in ("loss", "confidence", "entropy", "modified_entropy"):
         target[name] = rng.standard_normal(N) + member
     return labels, member, in_mask, target, refs
@@ -86,8 +88,9 @@ def time_lira_rmia(target, refs, in_mask) -> tuple[float, float]:
     S.lira_offline(target["phi"], refs["phi"], in_mask, False)
     S.lira_offline(target["phi"], refs["phi"], in_mask, "global")
     for online in (True, False):
-        np.mean([S.rmia_scores(target["p"][:, a], refs["p"][:, :, a], in_mask, target["p_pop"][:, a],
-                               refs["p_pop"][:, :, a], online=online) for a in range(A)], axis=0)
+        np.mean([S.rmia_scores(target["logp"][:, a], refs["logp"][:, :, a], in_mask, target["logp_pop"][:, a],
+                               refs["logp_pop"][:, :, a], online=online, log_inputs=True, continuous=True)
+                 for a in range(A)], axis=0)
     return _since(t0)
 
 
@@ -104,7 +107,8 @@ def time_scoring(labels, member, target, refs, in_mask) -> tuple[float, float]:
 
 def time_one_reference(recipe: str = "digits") -> tuple[tuple[float, float], dict]:
     from cfbench.config import make_config
-    from cfbench.mia.reference import train_reference
+    from cfbench.execution.jobs import run_job
+    from cfbench.execution.reference import reference_job
     from cfbench.training.recipe import load_data
 
     r = RECIPES[recipe]
@@ -112,10 +116,9 @@ def time_one_reference(recipe: str = "digits") -> tuple[tuple[float, float], dic
     data = load_data(cfg)
     with tempfile.TemporaryDirectory() as d:
         t0 = _clock()
-        train_reference(cfg, data, 0, Path(d))
+        run_job(reference_job(cfg, data, 0, Path(d)))
         seconds = _since(t0)
-    tp = cfg.resolved_train()
-    return seconds, {"recipe": f"{r['dataset']} {r['defense']} {cfg.model}", "epochs": tp.epochs,
+    return seconds, {"recipe": f"{r['dataset']} {r['defense']} {cfg.model}", "epochs": cfg.train.epochs,
                      "n_train": int(data.member_mask.sum())}
 
 

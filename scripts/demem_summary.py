@@ -1,16 +1,23 @@
-"""Tables of the DeMem evidence (docs/demem.md) from the run records of a folder.
+"""Tables of the DeMem evidence (docs/demem.md, issue 19) from the run records of a folder.
 
-    .venv/bin/python scripts/demem_summary.py [RUNS_DIR]   (default: runs-demem)
+    .venv/bin/python scripts/demem_summary.py RUNS_DIR [--gaps]
 
-Per variant (defense + the settings that differ) and seed: clean accuracy, AutoAttack
-accuracy, and for LiRA (online, per-example variance) and RMIA (online): AUC and TPR at 5%,
-2%, 1% and 0.1% FPR.  Printed as mean +- std over seeds (per-seed rates a seed's non-member
-count cannot support are n/a and left out), then **pooled over the seeds**: the three targets'
-per-example scores (``mia_scores.npz``; same pool, same reference models) concatenated, with
-Hanley-McNeil (AUC) and Clopper-Pearson (TPR) 95% intervals from cfbench.mia.metrics.
-The split seed is fixed, so the seeds' targets score the *same* 1,297 pool examples: the
-pooled intervals treat the three scores of an example as independent and are too narrow, and
-the pooled TPR at 1% FPR rests on 3 x 649 correlated non-member scores.
+Runs: pgd-at and demem (version 2) of one dataset (other runs in the folder, e.g. cf-at, are
+skipped), grouped by recipe (defense + the settings that differ), several seeds each.
+
+1. Per recipe, mean +- sample std over seeds (from the records): clean and AutoAttack
+   accuracy, the ``mia`` evaluator's **pooled primary attack** (RMIA online over the target +
+   its K reference models): AUC, TPR at 1% and 0.5% FPR and at the lowest supportable FPR
+   (10 / N_out); DeMem's penalty activity (fraction of the penalised set's sample-updates in
+   which the penalty was active, after warm-up) and realised mass (sum of beta_i max(0, b_i - l_i)
+   over the updates, per training sample).
+2. **Seed-pooled** (scripts/mia_split.py:seed_pool): the seeds' target rows + the K shared
+   reference rows as one pool, with 95% intervals.
+3. **Where DeMem acts**: single-target RMIA-online scores of the seeds' targets, members split
+   into the high-risk set S (DeMem's frozen set of the same seed: the controls share it; for
+   pgd-at, the set DeMem froze in its run of the same seed -- its warm-up is PGD-AT bit for bit)
+   and the other members, each against all non-members.
+4. ``--gaps``: clean and robust (PGD-20) train-test gaps of every target (scripts/at_gaps.py).
 """
 
 from __future__ import annotations
@@ -22,21 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cfbench.mia import metrics as M
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mia_split as MS  # noqa: E402
 
-FPRS = (0.05, 0.02, 0.01, 0.001)
-ATTACKS = ("lira_online", "rmia_online")
-DEFENSES = ("pgd-at", "dp-at", "demem")     # other runs sharing the folder (e.g. cf-at) are skipped
+FPRS = (0.05, 0.01, 0.005)
+DEFENSES = ("pgd-at", "demem")
 
 
 def variant(rec) -> str:
     d = rec["config"]["defense"]
     if d["name"] == "demem":
         p = d["params"]
-        flood = "batch low-risk mean" if p["flood"] is None else f"{p['flood']:.3g}"
-        return f"demem (select={p['select']}, risk={p['risk']}, flood={flood})"
-    if d["name"] == "dp-at":
-        return f"dp-at (target_epsilon={d['params']['target_epsilon']})"
+        lv = p["level"] if isinstance(p["level"], str) else f"{p['level']:g}"
+        return f"demem (select={p['select']}, risk={p['risk']}, level={lv})"
     return d["name"]
 
 
@@ -45,141 +50,123 @@ def value(m, key):
     return v.get("value") if isinstance(v, dict) else v
 
 
-def fmt(xs, pct=True):
+def fmt(xs, k=100, nd=1):
     xs = [x for x in xs if x is not None]
     if not xs:
         return "n/a"
-    k = 100 if pct else 1
-    nd = 1 if pct else 3
-    return f"{k * np.mean(xs):.{nd}f} ± {k * np.std(xs, ddof=1) if len(xs) > 1 else 0:.{nd}f}"
+    sd = np.std(xs, ddof=1) if len(xs) > 1 else 0.0
+    return f"{k * np.mean(xs):.{nd}f} ± {k * sd:.{nd}f}"
 
 
-def main(root: Path) -> None:
+def groups_of(root: Path):
     groups = defaultdict(list)
-    datasets = set()
     for f in sorted(root.glob("*/record.json")):
         rec = json.loads(f.read_text())
-        if rec.get("status") == "ok" and rec["config"]["defense"]["name"] in DEFENSES:
+        if rec.get("status") == "ok" and rec["config"]["defense"]["name"] in DEFENSES \
+                and (f.parent / "mia_scores.npz").exists():
             groups[variant(rec)].append((rec, f.parent))
-            datasets.add(rec["config"]["dataset"]["name"])
-    # one AutoAttack protocol: a folder shared with another study (e.g. the cf-at sweep) may hold a
-    # second run of the same recipe and seed that differs only in autoattack.n_examples
-    def aa_n(rec):
-        return rec["config"]["evaluators"].get("autoattack", {}).get("params", {}).get("n_examples")
+    for runs in groups.values():
+        runs.sort(key=lambda t: t[0]["config"]["seed"])
+    return groups
 
-    ns = [aa_n(r) for runs in groups.values() for r, _ in runs if r["config"]["defense"]["name"] == "demem"]
-    if ns:
-        keep = max(set(ns), key=ns.count)
-        groups = defaultdict(list, {k: [(r, d) for r, d in v if aa_n(r) == keep] for k, v in groups.items()})
-    if len(datasets) > 1:
-        raise SystemExit(f"{root} holds runs of several datasets ({sorted(datasets)}); give one folder per dataset")
-    # per-run TPR columns: every FPR that at least one run can support
-    all_ms = [r["metrics"] for runs in groups.values() for r, _ in runs]
-    run_fprs = [f for f in FPRS if any(value(m, f"mia.{a}.tpr_at_fpr.{f}") is not None
-                                       for m in all_ms for a in ATTACKS)]
-    print("| variant | seeds | clean acc. % | AutoAttack acc. % | "
-          + " | ".join(f"{a} AUC | " + " | ".join(f"{a} TPR@{100 * f:g}%" for f in run_fprs) for a in ATTACKS)
-          + " | best-attack AUC | high-risk / penalised % |")
-    print("|" + "---|" * (6 + (1 + len(run_fprs)) * len(ATTACKS)))
+
+def main(root: Path, gaps: bool = False) -> None:
+    groups = groups_of(root)
+    print("| recipe | seeds | clean acc. % | AutoAttack acc. % | pooled AUC | TPR@1% | TPR@0.5% | TPR@lowest FPR "
+          "(FPR) | activity % | mass | set % |")
+    print("|" + "---|" * 11)
     for name, runs in sorted(groups.items()):
         ms = [r["metrics"] for r, _ in runs]
+        low = [value(m, "mia.primary.lowest_fpr") for m in ms]
         cells = [name, ",".join(str(r["config"]["seed"]) for r, _ in runs),
-                 fmt([value(m, "clean.accuracy") for m in ms]), fmt([value(m, "robust.autoattack.accuracy") for m in ms])]
-        for a in ATTACKS:
-            cells.append(fmt([value(m, f"mia.{a}.auc") for m in ms], pct=False))
-            for f in run_fprs:
-                cells.append(fmt([value(m, f"mia.{a}.tpr_at_fpr.{f}") for m in ms]))
-        cells.append(fmt([value(m, "mia.best.auc") for m in ms], pct=False))
-        dm = [(value(m, "demem.high_risk_fraction"), value(m, "demem.penalised_fraction")) for m in ms]
-        cells.append("—" if dm[0][0] is None else f"{fmt([a for a, _ in dm])} / {fmt([b for _, b in dm])}")
+                 fmt([value(m, "clean.accuracy") for m in ms]), fmt([value(m, "robust.autoattack.accuracy") for m in ms]),
+                 fmt([value(m, "mia.primary.auc") for m in ms], 1, 3),
+                 fmt([value(m, "mia.primary.tpr_at_fpr.0.01") for m in ms], 100, 2),
+                 fmt([value(m, "mia.primary.tpr_at_fpr.0.005") for m in ms], 100, 2),
+                 fmt([value(m, "mia.primary.tpr_at_lowest_fpr") for m in ms], 100, 2)
+                 + f" ({100 * np.mean([x for x in low if x]):.2f}%)" if any(low) else "n/a"]
+        if runs[0][0]["config"]["defense"]["name"] == "demem":
+            cells += [fmt([value(m, "demem.penalty_activity") for m in ms]),
+                      fmt([value(m, "demem.penalty_mass") for m in ms], 1, 3),
+                      fmt([value(m, "demem.penalty_set_fraction") for m in ms])]
+        else:
+            cells += ["—", "—", "—"]
         print("| " + " | ".join(cells) + " |")
 
-    print("\nPooled over seeds (scores of the seeds' targets concatenated; 95% intervals):\n")
-    print("| variant | N_in / N_out | " + " | ".join(
-        f"{a} AUC | " + " | ".join(f"{a} TPR@{100 * f:g}%" for f in FPRS) for a in ATTACKS) + " |")
-    print("|" + "---|" * (2 + (1 + len(FPRS)) * len(ATTACKS)))
+    print("\nSeed-pooled (the seeds' targets + the K shared reference models, RMIA online; 95% intervals):\n")
+    print("| recipe | models | N_in / N_out | AUC | TPR@1% | TPR@0.5% | lowest FPR | TPR@lowest |")
+    print("|" + "---|" * 8)
     for name, runs in sorted(groups.items()):
-        cells = [name]
-        for i, a in enumerate(ATTACKS):
-            s, y = [], []
-            for _, d in runs:
-                z = np.load(d / "mia_scores.npz")
-                keep = np.isfinite(z[f"score.{a}"])
-                s.append(z[f"score.{a}"][keep])
-                y.append(z["member"][keep])
-            summ = M.summarize(np.concatenate(s), np.concatenate(y), FPRS)
-            if i == 0:
-                cells.append(f"{summ['n_members']} / {summ['n_nonmembers']}")
-            au = summ["auc"]
-            cells.append(f"{au['value']:.3f} [{au['ci_low']:.3f}, {au['ci_high']:.3f}]")
-            for f in FPRS:
-                t = summ["tpr_at_fpr"][str(f)]
-                cells.append("n/a" if t["value"] is None else
-                             f"{100 * t['value']:.1f} [{100 * t['ci_low']:.1f}, {100 * t['ci_high']:.1f}]")
-        print("| " + " | ".join(cells) + " |")
-    subset_table(root, groups)
+        s, inp, owners = MS.seed_pool([d for _, d in runs])
+        out = MS.pooled_metrics(s, inp, FPRS)
+        print(f"| {name} | {len(owners)} | {out['n_in']} / {out['n_out']} | {MS.fmt_auc(out['auc'])} | "
+              f"{MS.fmt_tpr(out['tpr_at_fpr']['0.01'])} | {MS.fmt_tpr(out['tpr_at_fpr']['0.005'])} | "
+              f"{100 * out['lowest_fpr']['value']:.2f}% | {MS.fmt_tpr(out['tpr_at_lowest_fpr'])} |")
 
+    # 3. the high-risk set of each seed (from a demem high-risk run), applied to every recipe
+    sets = {}
+    for name, runs in groups.items():
+        for rec, _ in runs:
+            note = rec["notes"].get("defense", {}).get("demem")
+            if note and note.get("high_risk_pool_positions") is not None \
+                    and rec["config"]["defense"]["params"]["select"] == "high-risk" \
+                    and rec["config"]["defense"]["params"]["risk"] == "loss":
+                sets[rec["config"]["seed"]] = np.asarray(note["high_risk_pool_positions"])
+    if sets:
+        print("\nWhere the penalty acts: single-target RMIA online of the seeds' targets (concatenated), members "
+              "in DeMem's frozen high-risk set S (risk=loss, same seed) vs the other members, each against all "
+              "non-members:\n")
+        print("| recipe | S members / other / non-members | AUC S | AUC other | TPR@5% S | TPR@5% other | "
+              "TPR@1% S | TPR@1% other |")
+        print("|" + "---|" * 8)
+        for name, runs in sorted(groups.items()):
+            sc, mem, ins = [], [], []
+            for rec, d in runs:
+                seed = rec["config"]["seed"]
+                if seed not in sets:
+                    continue
+                _, z = MS.load(d)
+                m = z["member"].astype(bool)
+                s_mask = np.zeros_like(m)
+                s_mask[sets[seed]] = True
+                sc.append(z["score.rmia_online"])
+                mem.append(m)
+                ins.append(s_mask)
+            if not sc:
+                continue
+            sc, mem, ins = np.concatenate(sc), np.concatenate(mem), np.concatenate(ins)
+            a = MS.split_metrics(sc, mem, ins, FPRS)
+            b = MS.split_metrics(sc, mem, mem & ~ins, FPRS)
+            print(f"| {name} | {a['n_in']} / {b['n_in']} / {a['n_out']} | {MS.fmt_auc(a['auc'])} | "
+                  f"{MS.fmt_auc(b['auc'])} | {MS.fmt_tpr(a['tpr_at_fpr']['0.05'])} | "
+                  f"{MS.fmt_tpr(b['tpr_at_fpr']['0.05'])} | {MS.fmt_tpr(a['tpr_at_fpr']['0.01'])} | "
+                  f"{MS.fmt_tpr(b['tpr_at_fpr']['0.01'])} |")
 
-def atypical_members(root: Path, groups, frac: float = 0.1) -> np.ndarray | None:
-    """Pool positions of the top ``frac`` of members by their mean clean CE under the PGD-AT
-    recipe's reference models that did not train on them (cached by the pgd-at runs): a fixed,
-    defense-independent definition of the atypical (high-risk) members.  None when the folder
-    has no pgd-at run or its reference models are not in the cache (nothing is trained here)."""
-    import torch
-
-    from cfbench import runner
-    from cfbench.config import make_config
-    from cfbench.mia import reference as R
-    from cfbench_baselines.demem import reference_out_loss
-
-    torch.set_num_threads(1)
-    if "pgd-at" not in groups:
-        return None
-    c = groups["pgd-at"][0][0]["config"]
-    mia = c["evaluators"]["mia"]["params"]
-    sets = {**{f"train.{k}": v for k, v in c["train"].items()}, **{f"data.{k}": v for k, v in c["data"].items()},
-            **{f"defense.{k}": v for k, v in c["defense"]["params"].items()},
-            **{f"model.{k}": v for k, v in c["model"]["params"].items()},
-            "threat.norm": c["threat"]["norm"], "threat.eps": c["threat"]["eps"],
-            **{f"mia.{k}": v for k, v in mia.items()}}
-    cfg = make_config(dataset=c["dataset"]["name"], defense="pgd-at", model=c["model"]["name"],
-                      evaluators=["mia"], sets=sets)
-    data = runner.load_data(cfg)
-    k, seed = mia["reference_models"], mia["reference_seed"]
-    recipe = R.reference_recipe_hash(cfg, data, seed)
-    if not all(R.reference_path(root / "_cache", recipe, i).exists() for i in range(k)):
-        return None
-    members = np.flatnonzero(data.member_mask)
-    out, _ = reference_out_loss(cfg, data, members, k=k, seed=seed, cache_dir=root / "_cache", device="cpu")
-    n = int(round(frac * len(members)))
-    return members[np.argsort(-out.numpy(), kind="stable")[:n]]
-
-
-def subset_table(root: Path, groups) -> None:
-    atyp = atypical_members(root, groups)
-    if atyp is None:
-        print("\n(no atypical-member table: no pgd-at run with cached reference models in this folder)")
-        return
-    print(f"\nMembers flagged at the threshold of 5% FPR (per seed, mean ± std over seeds): the {len(atyp)} "
-          "atypical members (top 10% by the PGD-AT reference models' OUT loss) vs the other members:\n")
-    print("| variant | " + " | ".join(f"{a} atypical % | {a} other %" for a in ATTACKS) + " |")
-    print("|" + "---|" * (1 + 2 * len(ATTACKS)))
+    print("\nPenalty activity per epoch (after warm-up; mean over seeds, %), every 5th epoch:\n")
     for name, runs in sorted(groups.items()):
-        cells = [name]
-        for a in ATTACKS:
-            at, ot = [], []
-            for _, d in runs:
-                z = np.load(d / "mia_scores.npz")
-                sc, mem = z[f"score.{a}"], z["member"]
-                thr = np.quantile(sc[~mem & np.isfinite(sc)], 0.95)
-                flag = sc > thr
-                is_at = np.zeros_like(mem)
-                is_at[atyp] = True
-                at.append(flag[is_at].mean())
-                ot.append(flag[mem & ~is_at].mean())
-            cells += [fmt(at), fmt(ot)]
-        print("| " + " | ".join(cells) + " |")
+        rows = [r["notes"]["defense"]["demem"]["epochs"] for r, _ in runs
+                if "demem" in r["notes"].get("defense", {})]
+        if not rows:
+            continue
+        n = min(len(r) for r in rows)
+        acts = [np.mean([r[e]["activity"] for r in rows]) if rows[0][e]["activity"] is not None else None
+                for e in range(n)]
+        print(f"- {name}: " + ", ".join(f"e{e}: {100 * a:.0f}" for e, a in enumerate(acts)
+                                          if a is not None and e % 5 == 0))
+
+    if gaps:
+        import at_gaps
+
+        print("\nTrain-test gaps (PGD-20), mean ± std over seeds:\n")
+        print("| recipe | train acc. % | test acc. % | robust train % | robust test % | robust gap |")
+        print("|" + "---|" * 6)
+        for name, runs in sorted(groups.items()):
+            g = [at_gaps.gaps(d) for _, d in runs]
+            print(f"| {name} | {fmt([x['train_acc'] for x in g])} | {fmt([x['test_acc'] for x in g])} | "
+                  f"{fmt([x['robust_train_acc'] for x in g])} | {fmt([x['robust_test_acc'] for x in g])} | "
+                  f"{fmt([x['robust_gap'] for x in g])} |")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "runs-demem")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(Path(args[0]) if args else Path("runs-evidence-19"), gaps="--gaps" in sys.argv)

@@ -23,6 +23,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[test,ray]"   # ray: the sweep executor (and its CI test)
   touch "$stamp"
 fi
+# torchattacks (the `attacks` evaluator) without its dependencies: its requests~=2.25.1 pin and
+# torchvision (which would pull another torch) serve only its bundled RobustBench loaders
+if ! "$VENV/bin/python" -c "import torchattacks" >/dev/null 2>&1; then
+  echo "cfbench setup: installing torchattacks==3.5.1 (--no-deps)"
+  "$VENV/bin/python" -m pip install -q --no-deps "torchattacks==3.5.1" \
+    || echo "cfbench setup: warning: could not install torchattacks; the attacks evaluator is unavailable" >&2
+fi
 
 apt_install() {
   local missing=()

@@ -121,3 +121,38 @@ def test_state_of_another_evaluation_is_ignored(robust_model, digits_split, tmp_
     rb._save_state(tmp_path / STATE_FILE, key, fake)
     res3 = ev10.evaluate(_ctx(robust_model, digits_split, tmp_path))
     assert res3.notes["robust.autoattack"]["resumed"] and res3.metrics["robust.autoattack.accuracy"]["value"] == 0
+
+
+def test_pgd_is_compared_on_autoattacks_examples(robust_model, digits_split, tmp_path):
+    """PGD may attack more examples; the gap check and the summary use AutoAttack's own."""
+    from cfbench.evaluators.robust import PGDEvalParams, PGDRobustness
+
+    ctx = _ctx(robust_model, digits_split, tmp_path)
+    pgd = PGDRobustness(PGDEvalParams(n_examples=100, steps=5)).evaluate(ctx)
+    res = AutoAttackRobustness(AutoAttackParams(n_examples=N)).evaluate(ctx)
+    same = res.metrics["robust.autoattack.sanity.pgd_accuracy"]
+    per_example = ctx.shared["robust.pgd"]["robust"]
+    assert pgd.metrics["robust.pgd.n"] == 100 and same["n"] == N
+    assert same["value"] == pytest.approx(per_example[:N].float().mean().item())
+    gap = res.metrics["robust.autoattack.sanity.pgd_gap"]
+    assert gap["value"] == pytest.approx(same["value"] - res.metrics["robust.autoattack.accuracy"]["value"])
+    assert "the pgd evaluator" in res.notes["robust.autoattack"]["sanity"]["pgd_autoattack_gap"]["pgd"]
+    assert not res.flags     # a PGD-AT model: no sanity flag
+
+
+class _Noisy(torch.nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        return self.base(x + 0.02 * torch.randn_like(x))
+
+
+def test_a_randomised_forward_switches_to_the_eot_version(robust_model, digits_split, tmp_path):
+    ctx = _ctx(_Noisy(robust_model).eval(), digits_split, tmp_path)
+    res = AutoAttackRobustness(AutoAttackParams(n_examples=6)).evaluate(ctx)
+    note = res.notes["robust.autoattack"]
+    assert note["version"] == "rand" and note["requested_version"] == "standard"
+    assert note["attacks"] == ["apgd-ce", "apgd-dlr"] and "EOT over 20" in note["sanity"]["eot"]
+    assert "randomized_forward" in {f["name"] for f in res.flags}

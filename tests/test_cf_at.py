@@ -229,8 +229,8 @@ def test_direct_construction_is_checked_too():
         CFATParams(p=2.0)
     with pytest.raises(UsageError, match="steps"):
         ProtoCFParams(steps=0)
-    assert CFATParams().generator() == ProtoCFParams()
-    assert CFATParams(cf_lr=0.5, cf_batch_size=7).generator().lr == 0.5
+    assert CFATParams().proto_cf_params() == ProtoCFParams()
+    assert CFATParams(cf_lr=0.5, cf_batch_size=7).proto_cf_params().lr == 0.5
 
 
 @pytest.mark.slow
@@ -249,3 +249,126 @@ def test_end_to_end_run_on_digits(tmp_path):
 
     ex = load_examples(out.run_dir)[EXAMPLES_PREFIX]
     assert ex["clean"].shape == ex["adv"].shape == ex["neighbour"].shape
+
+
+# -- issue 19: momentum, exclude_self, controls, the replaced members -------------------------------
+
+def _alibi_fista(model, x0, target, p: ProtoCFParams, shift: int = 1):
+    """Float64 transcription of alibi's CounterfactualProto.attack loop (one round of c, no AE or
+    prototype term): apply_grads (step size from global_step = k, then global_step += 1), then the
+    shrinkage-thresholding update and the momentum zt = global_step / (global_step + 3).  With
+    ``shift = 0`` the momentum is EAD Algorithm 1's k / (k + 3) instead."""
+    onehot = torch.nn.functional.one_hot(target, 10).double()
+    adv, adv_s = x0.clone(), x0.clone()
+    for k in range(p.steps):
+        xs = adv_s.clone().requires_grad_(True)
+        logits = model(xs)
+        z_t = (logits * onehot).sum(1)
+        other = logits.masked_fill(onehot.bool(), -float("inf")).amax(1)
+        loss = (p.c_init * (other - z_t).clamp_min(-p.kappa) + (xs - x0).pow(2).flatten(1).sum(1)).sum()
+        (g,) = torch.autograd.grad(loss, xs)
+        with torch.no_grad():
+            y_new = adv_s - p.lr * (1 - k / p.steps) ** 0.5 * g.clamp(-p.grad_clip, p.grad_clip)
+            step = k + shift
+            d = y_new - x0
+            new = torch.where(d > p.beta, torch.clamp(y_new - p.beta, max=1.0),
+                              torch.where(d.abs() <= p.beta, x0, torch.clamp(y_new + p.beta, min=0.0)))
+            zt = step / (step + 3)
+            adv_s = (new + zt * (new - adv)).clamp(0, 1)
+            adv = new
+    return adv
+
+
+def test_fista_momentum_is_alibis_executed_schedule():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).double()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    x0 = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    target = torch.arange(6) % 10
+    prm = ProtoCFParams(steps=12, c_steps=1, c_init=10.0, gamma=0.0, theta=0.0, kappa=1e6, lr=0.5, beta=0.001)
+    gen = ProtoCF(prm)
+    res = gen._batch(model, x0, target, torch.zeros(6, 1, dtype=torch.float64))
+    assert not res.valid.any() and (res.x - x0).abs().max() > 0.05   # kappa = 1e6: the moved last iterate
+    torch.testing.assert_close(res.x, _alibi_fista(model, x0, target, prm), rtol=0, atol=1e-12)
+    assert (res.x - _alibi_fista(model, x0, target, prm, shift=0)).abs().max() > 1e-4   # k/(k+3) differs
+
+
+def test_exclude_self_leaves_x_out_of_its_prototype(data, generator):
+    _, x, y = data
+    nn = generator.nearest_other_class()
+    q = generator.codes[nn]
+    excl = torch.arange(N)
+    proto = generator.prototypes(q, y, exclude=excl).double().numpy()
+    codes, labels, k = generator.codes.double().numpy(), generator.labels.numpy(), generator.params.proto_k
+    hits = 0
+    for i in range(N):
+        cand = np.flatnonzero(labels == int(y[i]))
+        d = ((codes[cand] - q[i].double().numpy()) ** 2).sum(1)
+        top = cand[np.argsort(d, kind="stable")[:k]]
+        hits += int(i in top)
+        keep = cand[cand != i]
+        d2 = ((codes[keep] - q[i].double().numpy()) ** 2).sum(1)
+        np.testing.assert_allclose(proto[i], codes[keep[np.argsort(d2, kind="stable")[:k]]].mean(0),
+                                   rtol=1e-5, atol=1e-6)
+    from cfbench_baselines.cf_at import self_in_prototype
+    assert self_in_prototype(generator, nn) == pytest.approx(hits / N)
+    assert hits > 0                                              # x is (often) among them without exclusion
+
+
+def test_real_only_control_is_erm_on_the_kept_images(data, tmp_path):
+    from cfbench_baselines.cf_at import chosen_indices
+
+    ds, x, y = data
+    a, b = _model(ds), _model(ds)
+    ctx = _ctx(tmp_path, epochs=3)
+    CFAT(P.build(CFATParams, {"p": 0.75, "control": "real-only"})).fit(a, x, y, ctx)
+    chosen = chosen_indices(N, 0.75, 0)
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[chosen] = False
+    ERM().fit(b, x[keep], y[keep], _ctx(epochs=3))
+    assert _equal(_state(a), _state(b))
+    assert int(keep.sum()) == 40 and ctx.notes["counterfactuals"]["replaced"]["train_index"] == sorted(chosen.tolist())
+    assert not (tmp_path / "cf-at").exists() and not (tmp_path / "proto-cf").exists()   # nothing generated
+    c = _model(ds)                                               # same number of steps instead: 4x the epochs
+    ctx_s = _ctx(epochs=3)
+    CFAT(P.build(CFATParams, {"p": 0.75, "control": "real-only", "control_budget": "steps"})).fit(c, x, y, ctx_s)
+    assert len(ctx_s.history) == 8              # 3 x 5 steps on all 160 = ceil(15 / 2) epochs of 2 on the kept 40
+    with pytest.raises(UsageError, match="p < 1"):
+        CFAT(P.build(CFATParams, {"p": 1.0, "control": "real-only"})).fit(_model(ds), x, y, _ctx(epochs=1))
+
+
+def test_neighbour_control_trains_on_x_nn_labelled_y(data, tmp_path):
+    from cfbench_baselines.cf_at import chosen_indices
+
+    ds, x, y = data
+    prm = P.build(CFATParams, {"p": 0.5, "control": "neighbour", "ae_epochs": 2})
+    a, b = _model(ds), _model(ds)
+    ctx = _ctx(tmp_path, epochs=2)
+    CFAT(prm).fit(a, x, y, ctx)
+    gen = ProtoCF(prm.proto_cf_params()).fit(x, y, seed=0, cache_dir=tmp_path)      # the cached autoencoder
+    assert gen.ae_cached
+    nn = gen.nearest_other_class()
+    chosen = chosen_indices(N, 0.5, 0)
+    x_mixed = x.clone()
+    x_mixed[chosen] = x[nn[chosen]]
+    assert (y[nn[chosen]] != y[chosen]).all()
+    ERM().fit(b, x_mixed, y, _ctx(epochs=2))
+    assert _equal(_state(a), _state(b))
+    assert ctx.notes["counterfactuals"]["replaced"]["train_index"] == sorted(chosen.tolist())
+    assert not (tmp_path / "cf-at").exists()                     # no counterfactual search
+
+
+def test_chosen_indices_are_nested_and_seeded():
+    from cfbench_baselines.cf_at import chosen_indices
+
+    a, b = chosen_indices(100, 0.5, 3), chosen_indices(100, 0.95, 3)
+    assert len(a) == 50 and len(b) == 95 and torch.equal(b[:50], a)
+    assert not torch.equal(chosen_indices(100, 0.5, 4), a)
+
+
+@pytest.mark.parametrize("key, value, text", [("control", "pgd", "real-only"), ("control_budget", "time", "steps")])
+def test_bad_control_settings_are_clear_errors(key, value, text):
+    with pytest.raises(UsageError) as e:
+        make_config(dataset="digits", defense="cf-at", sets={key: value}, evaluators=("clean",))
+    assert key in str(e.value) and text in str(e.value)

@@ -51,7 +51,7 @@ def test_example_plugin_passes_the_contract(monkeypatch):
 
     report = check_defense(cfbench_mart.MART)
     assert report.settings == {"steps": 2}
-    assert report.passed == ["metadata", "params", "set round trip", "fit", "determinism", "resume"]
+    assert report.passed == ["metadata", "params", "set round trip", "fit", "reload", "determinism", "resume"]
     sys.modules.pop("cfbench_mart", None)
 
 
@@ -78,7 +78,7 @@ def _variant(**attrs):
 
 def test_good_defense_passes_and_reports_every_check():
     report = check_defense(_Good)
-    assert report.passed == ["metadata", "params", "set round trip", "fit", "determinism", "resume"]
+    assert report.passed == ["metadata", "params", "set round trip", "fit", "reload", "determinism", "resume"]
     assert report.skipped == {} and report.seconds > 0
 
 

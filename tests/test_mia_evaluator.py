@@ -23,11 +23,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from cfbench.execution import jobs as jobs_mod
-from cfbench.execution import reference as XR
-from cfbench.execution.jobs import run_job
-from cfbench.testing.tiny import eval_context
-from cfbench.training.recipe import fit_recipe
 from cfbench.config import make_config
 from cfbench.data.specs import Digits
 from cfbench.data.splits import make_split
@@ -39,7 +34,12 @@ from cfbench.evaluators.mia import (
     stack_features,
     summarize_attacks,
 )
+from cfbench.execution import jobs as jobs_mod
+from cfbench.execution import reference as XR
+from cfbench.execution.jobs import run_job
 from cfbench.mia import reference as R
+from cfbench.testing.tiny import eval_context
+from cfbench.training.recipe import fit_recipe
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -49,7 +49,7 @@ SETS = {"epochs": 30, "train.batch_size": 16, "data.pool_size": POOL, "mia.refer
         "mia.fprs": "0.2,0.01"}
 THRESHOLD = ["loss", "confidence", "entropy", "modified_entropy"]
 ALL_ATTACKS = (THRESHOLD + [f"{a}_class" for a in THRESHOLD]
-               + ["robust_loss", "robust_confidence", "robust_modified_entropy",
+               + ["robust_loss", "robust_confidence", "robust_modified_entropy", "label_only",
                   "lira_online", "lira_online_fixed", "lira_offline", "lira_offline_fixed",
                   "rmia_online", "rmia_offline"])
 
@@ -130,12 +130,20 @@ def test_reference_models_use_the_run_recipe(leak):
     assert proto["n_members"] == proto["n_nonmembers"] == POOL // 2
     assert proto["population"]["size"] == 500
     assert proto["query_augmentations"] == ["identity"]        # recipe trains without augmentation
+    # Song, Shokri & Mittal's *inference* attack: 20 steps of 2.5 eps / 20 from a zero start
+    adv = proto["adversarial"]
+    assert adv["steps"] == 20 and adv["rand_init"] is False and adv["step_size"] == pytest.approx(2.5 * adv["eps"] / 20)
+    lo = proto["label_only"]
+    assert lo["norm"] == "L2" and lo["max_radius"] == pytest.approx(8.0) and lo["models"] == "target only"
+    assert lo["counts"]["target"]["misclassified"] > 0    # random labels: the non-members are mostly wrong
     t = leak["res"].timings
     assert t["reference_training"] > 0 and t["signals"] > 0 and t["scoring"] > 0
     assert proto["reference_training_seconds_total"] > 0
     # cache layout: <cache>/refmodels/<recipe hash>/<i>.safetensors, no leftover checkpoints
     d = leak["tmp"] / "_cache" / "refmodels" / proto["reference_recipe_hash"]
-    assert sorted(p.name for p in d.iterdir()) == [f"{i}.safetensors" for i in range(K)]
+    # (dot-files are the executor's job locks)
+    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == [f"{i}.safetensors"
+                                                                                for i in range(K)]
     meta = XR.read_reference_meta(d / "0.safetensors")
     assert meta["index"] == 0 and meta["n_train"] == POOL // 2 and meta["recipe_hash"] == d.name
 
@@ -227,7 +235,11 @@ def test_without_reference_models_only_reference_free_attacks(leak):
                       sets={**SETS, "mia.reference_models": 0, "mia.adversarial": False})
     res = _evaluate(cfg, leak["data"], leak["model"], leak["tmp"], run_name="k0")
     attacks = {k.split(".")[1] for k in res.metrics if k.endswith(".auc")}
-    assert attacks == set(THRESHOLD) | {"best"}
+    assert attacks == set(THRESHOLD) | {"label_only", "best", "primary"}
+    assert res.metrics["mia.primary.auc"]["value"] is None and "reference_models=0" in res.metrics[
+        "mia.primary.auc"]["reason"]
+    assert not any(k.startswith("mia.pooled.") for k in res.metrics)
+    assert res.metrics["mia.audit.epsilon_lb"]["value"] is None
     assert any("reference_models=0" in w for w in res.warnings)
     # same target, same signals: the global threshold attacks agree with the full evaluation
     for a in THRESHOLD:
@@ -286,16 +298,18 @@ def test_attack_scores_match_paper_formulas_on_gaussian_signals(seed):
     refs = stack_features([model_features(_two_class_logits(phi_ref[i]), labels,
                                           _two_class_logits(pop_ref[i]), pop_labels, temperature=temp)
                            for i in range(k)])
-    sc, extra = attack_scores(labels, tgt, refs, in_mask, num_classes=2, rmia_a=a_off, rmia_gamma=gamma)
+    sc, extra = attack_scores(labels, tgt, refs, in_mask, num_classes=2, rmia_a=a_off, rmia_gamma=gamma,
+                              rmia_continuous=False)
+    cont, _ = attack_scores(labels, tgt, refs, in_mask, num_classes=2, rmia_a=a_off, rmia_gamma=gamma)
 
-    sig = lambda v: 1.0 / (1.0 + np.exp(-v / temp))          # noqa: E731  p_y at temperature
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v / temp))
     lo_on, lo_off, lo_on_fix, lo_off_fix, r_on, r_off = (np.zeros(n) for _ in range(6))
-    phi_ref32 = phi_ref.astype(np.float32).astype(np.float64)  # refs are stored as float32
+    phi_ref32 = phi_ref                                      # refs are kept in float64 (version 2)
     dev_in = np.concatenate([phi_ref32[in_mask[:, j], j] - phi_ref32[in_mask[:, j], j].mean(0) for j in range(n)])
     dev_out = np.concatenate([phi_ref32[~in_mask[:, j], j] - phi_ref32[~in_mask[:, j], j].mean(0) for j in range(n)])
     s_in_fix, s_out_fix = np.sqrt(np.mean(dev_in ** 2)), np.sqrt(np.mean(dev_out ** 2))
-    p_ref32 = sig(phi_ref).astype(np.float32).astype(np.float64)
-    p_pop32 = sig(pop_ref).astype(np.float32).astype(np.float64)
+    p_ref32 = sig(phi_ref)
+    p_pop32 = sig(pop_ref)
     for j in range(n):
         ins, outs = phi_ref32[in_mask[:, j], j], phi_ref32[~in_mask[:, j], j]      # (k_in, a), (k_out, a)
         mu_in, mu_out = np.median(ins, 0), np.median(outs, 0)
@@ -304,8 +318,8 @@ def test_attack_scores_match_paper_formulas_on_gaussian_signals(seed):
                            - stats.norm.logpdf(phi_tgt[j], mu_out, outs.std(0)))
         lo_on_fix[j] = np.mean(stats.norm.logpdf(phi_tgt[j], mu_in, s_in_fix)
                                - stats.norm.logpdf(phi_tgt[j], mu_out, s_out_fix))
-        lo_off[j] = np.mean(stats.norm.logcdf(phi_tgt[j], mu_out, outs.std(0)))   # one-sided
-        lo_off_fix[j] = np.mean(stats.norm.logcdf(phi_tgt[j], mu_out, s_out_fix))
+        lo_off[j] = np.mean((phi_tgt[j] - mu_out) / outs.std(0))   # one-sided, ranked by z
+        lo_off_fix[j] = np.mean((phi_tgt[j] - mu_out) / s_out_fix)
         # RMIA (Zarifzadeh et al. 2024): fraction of z with LR(x, z) >= gamma, per augmentation
         for q in range(a):
             px_on = p_ref32[:, j, q].mean()
@@ -320,13 +334,15 @@ def test_attack_scores_match_paper_formulas_on_gaussian_signals(seed):
                 cnt_off += lr_off >= gamma
             r_on[j] += cnt_on / z / a
             r_off[j] += cnt_off / z / a
-    np.testing.assert_allclose(sc["lira_online"], lo_on, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(sc["lira_online_fixed"], lo_on_fix, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(sc["lira_offline"], lo_off, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(sc["lira_offline_fixed"], lo_off_fix, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sc["lira_online"], lo_on, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sc["lira_online_fixed"], lo_on_fix, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sc["lira_offline"], lo_off, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sc["lira_offline_fixed"], lo_off_fix, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(sc["rmia_online"], r_on, atol=1.0 / z + 1e-12)
     np.testing.assert_allclose(sc["rmia_offline"], r_off, atol=1.0 / z + 1e-12)
-    assert np.mean(np.abs(sc["rmia_online"] - r_on) > 1e-12) < 0.05   # ties at float32 edges only
+    assert np.mean(np.abs(sc["rmia_online"] - r_on) > 1e-12) < 0.05   # rounding ties at LR == gamma only
+    for name in ("rmia_online", "rmia_offline"):              # the continuous score keeps the counts' order
+        assert np.all(cont[name] >= sc[name] - 1e-12) and np.all(cont[name] < sc[name] + 1.0 / z + 1e-12)
 
     # class thresholds (Song & Mittal 2021): brute force on the reference models' IN/OUT scores
     ref_conf = sig(phi_ref[:, :, 0] * temp)                 # confidence at temperature 1
@@ -378,3 +394,78 @@ def test_cli_runs_record_mia_and_reuse_reference_models(tmp_path):
         assert rec["metrics"]["mia.loss.tpr_at_fpr.0.01"]["value"] is None          # 150 non-members
         assert (tmp_path / rec["run_id"] / "mia_scores.npz").exists()
     assert recs[1]["timings"]["eval.mia.reference_training"] < recs[0]["timings"]["eval.mia.reference_training"]
+
+
+# --------------------------------------------------------------------------------------------
+# pooled metrics, primary attack, audit, flags (version 2)
+# --------------------------------------------------------------------------------------------
+def test_pooled_metrics_recompute_with_sklearn_from_the_scores_file(leak):
+    res = leak["res"]
+    m = res.metrics
+    with np.load(leak["tmp"] / "run" / "mia_scores.npz") as z:
+        in_pool = z["in_pool"]
+        assert in_pool.shape == (K + 1, POOL)
+        np.testing.assert_array_equal(in_pool[0], leak["data"].member_mask)          # the target's members
+        np.testing.assert_array_equal(in_pool[1:], z["in_mask"])                      # the references' subsets
+        pooled = list(z["pooled_attacks"])
+        assert "rmia_online" in pooled and "lira_online_fixed" in pooled
+        for a in pooled:
+            s = z[f"pooled.{a}"]
+            assert s.shape == (K + 1, POOL)
+            # row 0 is the single-target score
+            np.testing.assert_array_equal(s[0], z[f"score.{a}"])
+            ok = ~np.isnan(s.ravel())
+            lab = in_pool.ravel()[ok]
+            e = m[f"mia.pooled.{a}.auc"]
+            assert e["value"] == pytest.approx(roc_auc_score(lab, s.ravel()[ok]), abs=1e-12)
+            assert e["n_models"] == K + 1 and e["n"] == ok.sum()
+            per = [roc_auc_score(in_pool[j][~np.isnan(s[j])], s[j][~np.isnan(s[j])]) for j in range(K + 1)]
+            assert e["per_model"]["mean"] == pytest.approx(np.mean(per), abs=1e-12)
+            assert e["per_model"]["min"] == pytest.approx(min(per)) and e["per_model"]["max"] == pytest.approx(max(per))
+            fpr, tpr, _ = roc_curve(lab, s.ravel()[ok], drop_intermediate=False)
+            assert m[f"mia.pooled.{a}.tpr_at_fpr.0.2"]["value"] == tpr[np.where(fpr <= 0.2)[0][-1]]
+    notes = res.notes["mia"]["pooled"]
+    assert notes["references"]["0"] == list(range(1, K + 1))                        # the target: all K
+    assert notes["references"]["1"] == [0, 3, 4] and notes["references"]["2"] == [0, 3, 4]   # partner left out
+
+
+def test_primary_attack_reported_at_supportable_fprs(leak):
+    m = leak["res"].metrics
+    n_out = m["mia.pooled.rmia_online.auc"]["n_nonmembers"]
+    assert n_out == (K + 1) * POOL // 2
+    assert m["mia.primary.auc"]["attack"] == "rmia_online" and m["mia.primary.auc"]["scope"] == "pooled"
+    assert m["mia.primary.auc"]["value"] == m["mia.pooled.rmia_online.auc"]["value"]
+    assert m["mia.primary.tpr_at_fpr.0.2"]["value"] == m["mia.pooled.rmia_online.tpr_at_fpr.0.2"]["value"]
+    # 0.01 < 10 / 400 pooled non-member trials: n/a with the reason, never 0
+    assert m["mia.primary.tpr_at_fpr.0.01"]["value"] is None and "not supported" in m["mia.primary.tpr_at_fpr.0.01"]["reason"]
+    low = m["mia.primary.lowest_fpr"]
+    assert low["value"] == 10 / n_out
+    t = m["mia.primary.tpr_at_lowest_fpr"]
+    assert t["fpr_target"] == 10 / n_out and t["fpr"] <= 10 / n_out and t["ci_low"] <= t["value"] <= t["ci_high"]
+    assert m["mia.primary.advantage"]["value"] > 0.5                # the memorising target leaks
+    # strongest-of-many stays, labelled selection-biased
+    for key in ("mia.best.auc", "mia.pooled.best.auc", "mia.best.tpr_at_fpr.0.2"):
+        assert m[key]["optimistic"] is True and m[key]["selection_biased"] is True, key
+
+
+def test_confidence_is_not_a_second_attack_and_few_model_lira_is_flagged(leak):
+    res = leak["res"]
+    m = res.metrics
+    assert m["mia.confidence.auc"]["same_ranking_as"] == "loss"
+    assert m["mia.robust_confidence.auc"]["same_ranking_as"] == "robust_loss"
+    assert m["mia.lira_online.auc"]["excluded_from_best"].startswith("per-example variance from 2")
+    n_cand = m["mia.best.auc"]["n_candidates"]
+    assert n_cand == len(ALL_ATTACKS) - 4                      # confidence x2, per-example LiRA x2 left out
+    for key in [k for k in m if k.startswith("mia.best.")]:
+        assert m[key]["attack"] not in ("confidence", "robust_confidence", "lira_online", "lira_offline"), key
+    assert any("per-example-variance LiRA" in w for w in res.warnings)
+
+
+def test_audit_lower_bound_positive_on_a_memorising_model(leak):
+    m = leak["res"].metrics
+    lb, lb_max = m["mia.audit.epsilon_lb"], m["mia.audit.epsilon_lb_max"]
+    # random labels memorised: the pooled primary attack proves a clearly positive epsilon
+    assert lb["value"] > 0.5 and lb["optimistic"] is False
+    assert lb_max["value"] > 0.5 and lb_max["optimistic"] is True
+    assert lb["delta"] == pytest.approx(1 / (10 * POOL // 2)) and lb["accountant_epsilon"] is None
+    assert lb["n_members"] + lb["selection"]["n_members"] == (K + 1) * POOL // 2

@@ -469,9 +469,21 @@ def test_lira_offline_matches_loop(two_sided, fix, with_mask):
             sd = s_out
         if two_sided:                    # reference generate_ours_offline, negated by sweep()
             expect = -stats.norm.logpdf(target[n], mu, sd + 1e-30).mean()
-        else:                            # paper: one-sided, Pr[Z <= phi] under the OUT fit
-            expect = stats.norm.logcdf(target[n], mu, sd + 1e-30).mean()
+        else:                            # paper: one-sided, Phi(z) ranked by z = (phi - mu) / sd
+            expect = ((target[n] - mu) / (sd + 1e-30)).mean()
         assert got[n] == pytest.approx(expect, rel=1e-9, abs=1e-9)
+
+
+def test_lira_offline_one_sided_does_not_saturate():
+    """z far in the tail (log Phi(z) == 0.0 in float64 from z ~ 38 on) still ranks."""
+    from scipy import special
+
+    ref = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])[:, :, None]      # mu = 0.5, sd = 0.5 per example
+    target = np.array([[25.0], [50.0], [100.0]])
+    assert special.log_ndtr((target[1:, 0] - 0.5) / 0.5).tolist() == [0.0, 0.0]   # the old score tied
+    got = S.lira_offline(target, ref, None, fix_variance=False)
+    np.testing.assert_allclose(got, (target[:, 0] - 0.5) / 0.5)
+    assert np.all(np.diff(got) > 0)
 
 
 def test_lira_auc_close_to_analytic():
@@ -578,3 +590,143 @@ def test_rmia_ranking_is_monotone_in_ratio():
         S.rmia_scores(tp, rp, None, tz, rz[:1])
     with pytest.raises(ValueError):
         S.rmia_scores(tp, rp, None, tz, rz, a=1.5)
+
+
+def _slow_rmia_log(lt, lr, mask, lzt, lzr, gamma, a, online):
+    """The paper's definition written out per (x, z) pair in float64 log space: lower and upper
+    counts (``LR > gamma + tol`` and ``LR >= gamma - tol``), so that a rounding tie at exactly
+    ``gamma`` cannot decide the comparison."""
+    k, n = lr.shape
+    lo, hi = np.zeros(n), np.zeros(n)
+
+    def log_mean(v):
+        m = max(v)
+        return m + math.log(sum(math.exp(x - m) for x in v) / len(v)) if m > -math.inf else -math.inf
+
+    def log_off(lp_out):
+        return math.log(0.5 * ((1 + a) * math.exp(lp_out) + (1 - a)))
+
+    for i in range(n):
+        if online:
+            lpx = log_mean(list(lr[:, i]))
+        else:
+            outs = [lr[j, i] for j in range(k) if mask is None or not mask[j, i]]
+            if not outs:
+                lo[i] = hi[i] = np.nan
+                continue
+            lpx = log_off(log_mean(outs))
+        for w in range(lzt.size):
+            lpz = log_mean(list(lzr[:, w])) if online else log_off(log_mean(list(lzr[:, w])))
+            llr = (lt[i] - lpx) - (lzt[w] - lpz)
+            lo[i] += llr > math.log(gamma) + 1e-9
+            hi[i] += llr >= math.log(gamma) - 1e-9
+    return lo, hi
+
+
+log_probs = st.floats(-8.0, 0.0, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 4), st.integers(1, 12), st.integers(1, 10), st.sampled_from([0.5, 1.0, 2.0]),
+       st.sampled_from([0.0, 0.3, 1.0]), st.booleans(), st.data())
+def test_rmia_log_space_matches_slow_transcription(k, n, z, gamma, a, online, data):
+    arr = lambda shape: np.array(data.draw(st.lists(log_probs, min_size=int(np.prod(shape)),
+                                                    max_size=int(np.prod(shape))))).reshape(shape)
+    lt, lr, lzt, lzr = arr((n,)), arr((k, n)), arr((z,)), arr((k, z))
+    mask = np.array(data.draw(st.lists(st.booleans(), min_size=k * n, max_size=k * n))).reshape(k, n)
+    got = S.rmia_scores(lt, lr, mask, lzt, lzr, gamma=gamma, a=a, online=online, log_inputs=True)
+    lo, hi = _slow_rmia_log(lt, lr, mask, lzt, lzr, gamma, a, online)
+    nan = np.isnan(lo)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.all(got[~nan] * z >= lo[~nan] - 1e-9) and np.all(got[~nan] * z <= hi[~nan] + 1e-9)
+    # the continuous score keeps the discrete count: floor(Z * score) == count
+    cont = S.rmia_scores(lt, lr, mask, lzt, lzr, gamma=gamma, a=a, online=online, log_inputs=True,
+                         continuous=True)
+    np.testing.assert_array_equal(np.floor(cont[~nan] * z + 1e-9), np.round(got[~nan] * z))
+
+
+def test_rmia_log_inputs_equal_probability_inputs():
+    rng = np.random.default_rng(19)
+    k, n, z = 5, 80, 60
+    in_mask = rng.random((k, n)) < 0.5
+    rp, tp = rng.beta(4, 2, (k, n)), rng.beta(4, 2, n)
+    rz, tz = rng.beta(4, 2, (k, z)), rng.beta(4, 2, z)
+    for online in (True, False):
+        a = S.rmia_scores(tp, rp, in_mask, tz, rz, online=online, continuous=True)
+        b = S.rmia_scores(np.log(tp), np.log(rp), in_mask, np.log(tz), np.log(rz), online=online,
+                          log_inputs=True, continuous=True)
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_rmia_continuous_breaks_ties_and_is_monotone():
+    rng = np.random.default_rng(20)
+    rp, tp = rng.random((3, 400)) * 0.9 + 0.05, rng.random(400) * 0.9 + 0.05
+    rz, tz = rng.random((3, 20)) * 0.9 + 0.05, rng.random(20) * 0.3 + 0.3      # small, narrow Z: many ties
+    disc = S.rmia_scores(tp, rp, None, tz, rz, online=True)
+    cont = S.rmia_scores(tp, rp, None, tz, rz, online=True, continuous=True)
+    r = tp / rp.mean(0)
+    o = np.argsort(r)
+    assert len(np.unique(disc)) < 25                          # the discrete score has <= Z + 1 values
+    assert np.all(np.diff(cont[o]) > 0)                       # strictly increasing in r_x: no ties left
+    np.testing.assert_array_equal(np.floor(cont * 20 + 1e-12), disc * 20)
+    top = disc == 1.0
+    assert top.sum() > 1 and len(np.unique(cont[top])) == top.sum()   # the tied top is ordered by r_x
+    assert cont.max() < 1 + 1 / 20
+    with pytest.raises(ValueError, match="strict"):
+        S.rmia_scores(tp, rp, None, tz, rz, strict=True, continuous=True)
+
+
+def test_rmia_log_space_survives_saturated_probabilities():
+    """Confident models: p_y = 1 - 1e-9 .. 1 - 1e-8 rounds to exactly 1.0 in float32 (cfbench
+    version 1 stored reference probabilities so); float64 log-probabilities keep them apart."""
+    lt = np.array([-1e-9, -3e-9, -2e-8])
+    lr = np.full((2, 3), -1e-8)
+    lzt, lzr = np.array([-5e-9, -4e-9]), np.full((2, 2), -1e-8)
+    got = S.rmia_scores(lt, lr, None, lzt, lzr, online=True, log_inputs=True, continuous=True)
+    assert got[0] > got[1] > got[2]
+    p32 = lambda v: np.exp(v).astype(np.float32)
+    assert p32(lt).tolist() == [1.0, 1.0, 1.0]
+    flat = S.rmia_scores(p32(lt), p32(lr), None, p32(lzt), p32(lzr), online=True, continuous=True)
+    assert len(np.unique(flat)) == 1                          # all rounded to 1.0: one tie
+
+
+# ============================================================================================
+# advantage, lowest supported FPR, same ranking
+# ============================================================================================
+@FAST
+@given(scores_labels)
+def test_advantage_is_max_tpr_minus_fpr(sl):
+    s, y = np.array(sl[0], dtype=float), np.array(sl[1])
+    assume(0 < y.sum() < y.size)
+    brute = max((s[y == 1] >= t).mean() - (s[y == 0] >= t).mean() for t in np.r_[s, np.inf])
+    assert M.advantage(s, y) == pytest.approx(brute, abs=1e-12)
+    assert M.advantage(s, y) == pytest.approx(2 * M.balanced_accuracy(s, y) - 1, abs=1e-12)
+    summ = M.summarize(s, y, (0.5,), min_false_positives=1)
+    assert summ["advantage"]["value"] == pytest.approx(brute, abs=1e-12)
+
+
+def test_lowest_supported_fpr_and_its_tpr():
+    assert M.lowest_supported_fpr(649) == 10 / 649
+    assert M.lowest_supported_fpr(9) is None
+    rng = np.random.default_rng(21)
+    y = np.r_[np.ones(300), np.zeros(2000)].astype(int)
+    s = rng.normal(size=y.size) + y
+    summ = M.summarize(s, y, (0.001,))
+    assert summ["lowest_fpr"]["value"] == 10 / 2000
+    low = summ["tpr_at_lowest_fpr"]
+    assert low == M.tpr_at_fpr(s, y, 10 / 2000)
+    assert summ["tpr_at_fpr"]["0.001"]["value"] is None       # 0.001 < 10 / 2000
+    assert M.summarize(s[:305], y[:305], (0.5,))["tpr_at_lowest_fpr"]["value"] is None    # 5 non-members
+
+
+def test_same_ranking():
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=50)
+    assert M.same_ranking(x, np.exp(x)) and M.same_ranking(x, 3 * x - 1)
+    assert not M.same_ranking(x, -x)
+    assert not M.same_ranking(x, x + rng.normal(size=50))
+    xn = x.copy()
+    xn[3] = np.nan
+    assert M.same_ranking(xn, np.exp(xn)) and not M.same_ranking(xn, np.exp(x))
+    ties = np.round(x)
+    assert not M.same_ranking(x, ties)                        # a coarsening is not the same ranking

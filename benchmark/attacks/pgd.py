@@ -27,6 +27,8 @@ from ..params import param
 from .base import Attack, ThreatModel
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``objective(model, x_adv) -> (N,)`` per-example values to maximise (see :func:`pgd`)
+Objective = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
@@ -53,13 +55,23 @@ def random_start(x: torch.Tensor, norm: str, eps: float, generator: torch.Genera
 
 def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
         steps: int, norm: str = "Linf", rand_init: bool = True,
-        loss_fn: LossFn | None = None, x_init: torch.Tensor | None = None) -> torch.Tensor:
+        loss_fn: LossFn | None = None, x_init: torch.Tensor | None = None,
+        objective: Objective | None = None) -> torch.Tensor:
     """Maximise ``loss_fn(model(x_adv), y)`` over the ball; returns detached ``x_adv``.
 
     ``loss_fn`` defaults to the summed cross-entropy (summing keeps the per-example step
     independent of the batch size).  ``x_init`` overrides the random start (TRADES starts at
     ``x + 0.001 * N(0, I)``).
+
+    ``objective(model, x_adv) -> per-example values (N,)`` replaces ``loss_fn`` when the
+    quantity to maximise is not a function of the logits alone (Int's class-activation-map
+    discrepancy ``D(x, x_adv)``, the top-k interpretation attack); its **sum** is ascended,
+    so each example's step depends on its own value only.  To *minimise* a quantity, return
+    its negative.  ``eps`` is an argument of every call, so a caller with a schedule (Int's
+    eps ramp over training steps) passes the radius of the current step.
     """
+    if objective is not None and loss_fn is not None:
+        raise ValueError("pgd: give either loss_fn (over logits) or objective (over x_adv), not both")
     if eps == 0 or steps == 0:
         return x.detach().clone()
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, reduction="sum"))
@@ -73,7 +85,14 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     delta = (x + project(delta, norm, eps)).clamp(0, 1) - x
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss = loss_fn(model(x + delta), y)
+        if objective is not None:
+            values = objective(model, x + delta)
+            if values.shape != (x.shape[0],):
+                raise ValueError(f"pgd: objective must return one value per example, shape ({x.shape[0]},); "
+                                 f"got {tuple(values.shape)}")
+            loss = values.sum()
+        else:
+            loss = loss_fn(model(x + delta), y)
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             if norm == "Linf":
@@ -102,24 +121,39 @@ class PGDParams:
     step_size: float | None = param(None, STEP_SIZE_HELP, gt=0)
     rand_init: bool = param(True, "random start inside the ball")
     restarts: int = param(1, "random restarts; an example counts as robust only if it survives all", ge=1)
+    eot: int = param(1, "gradient samples per step (EOT, Athalye et al. 2018; > 1 for randomised models)", ge=1)
+
+
+def eot_cross_entropy(y: torch.Tensor, samples: int) -> Objective:
+    """Per-example cross-entropy averaged over ``samples`` forward passes: its gradient is the
+    EOT gradient E_t[grad CE(f_t(x'), y)] of a randomised model (Athalye et al. 2018)."""
+    def objective(model, x_adv):
+        return sum(F.cross_entropy(model(x_adv), y, reduction="none") for _ in range(samples)) / samples
+    return objective
 
 
 class PGDAttack(Attack):
-    """PGD-k with random start and restarts (Madry et al. 2018), Linf or L2."""
+    """PGD-k with random start and restarts (Madry et al. 2018), Linf or L2.
+
+    An example the model already misclassifies is returned unchanged (it is its own
+    adversarial example), so it never counts as robust; with ``eot > 1`` every step ascends
+    the cross-entropy averaged over ``eot`` forward passes (EOT, for randomised models)."""
 
     name = "pgd"
-    description = "projected gradient descent (Madry et al. 2018), Linf/L2, random start, restarts"
-    version = 1
+    description = "projected gradient descent (Madry et al. 2018), Linf/L2, random start, restarts, EOT"
+    version = 2
     Params = PGDParams
 
     def perturb(self, model, x, y, threat: ThreatModel):
         p = self.params
         alpha = default_step_size(threat.eps, p.steps, p.step_size)
         best = x.detach().clone()
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        with torch.no_grad():
+            fooled = model(x).argmax(1) != y
+        objective = eot_cross_entropy(y, p.eot) if p.eot > 1 else None
         for _ in range(p.restarts):
             x_adv = pgd(model, x, y, eps=threat.eps, step_size=alpha, steps=p.steps, norm=threat.norm,
-                        rand_init=p.rand_init)
+                        rand_init=p.rand_init, objective=objective)
             with torch.no_grad():
                 wrong = model(x_adv).argmax(1) != y
             take = wrong & ~fooled

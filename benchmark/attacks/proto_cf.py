@@ -18,7 +18,8 @@ FISTA (Beck & Teboulle) on the smooth part ``c L_pred + ||delta||^2 + gamma L_AE
 L_proto``, whose gradient (clipped element-wise to +-``grad_clip``) is taken at the slack point
 ``y_k``; the L1 term is handled by the projected shrinkage-thresholding step of EAD (Chen et
 al. 2018) with threshold ``beta`` around ``x0`` and projection onto [0, 1]; momentum
-``k / (k + 3)``; step size ``lr * (1 - k / steps) ** 0.5`` (polynomial decay to 0).  Among
+``(k + 1) / (k + 4)`` at iteration ``k = 0, 1, ...`` (see below); step size
+``lr * (1 - k / steps) ** 0.5`` (polynomial decay to 0).  Among
 the iterates that are valid counterfactuals (``f_t - max_{i != t} f_i > 0`` and ``>= kappa``)
 the one with the smallest ``beta ||delta||_1 + ||delta||_2^2`` is kept.  ``c`` starts at
 ``c_init`` and is updated per example after each of ``c_steps`` rounds of ``steps`` iterations
@@ -33,6 +34,19 @@ data given to :meth:`ProtoCF.fit`; ``proto_t`` for an instance is the mean laten
 ``proto_k`` training encodings of class ``t`` nearest (Euclidean, flattened codes) to the
 instance's own code -- the paper's definition ("the average encoding over the K nearest
 instances in the latent space with the same class label").
+
+**Momentum, (k + 1) / (k + 4), not k / (k + 3).**  EAD's Algorithm 1 writes
+``y_{k+1} = x_{k+1} + k / (k + 3) (x_{k+1} - x_k)`` for ``k = 0, 1, ...``; alibi's
+``CounterfactualProto`` writes ``zt = global_step / (global_step + 3)``,
+but evaluates it *after* ``optimizer.apply_gradients(..., global_step=global_step)`` has
+incremented the step: each iteration of its ``attack`` loop runs ``apply_grads`` and then
+``adv_updater`` / ``adv_updater_s``, so iteration ``k`` (0-based) uses ``(k + 1) / (k + 4)``
+(1/4 at the first iteration, never 0), while the step size (``polynomial_decay`` read inside
+``apply_gradients``, before the increment) uses ``k``.  cfbench follows what alibi executes,
+the reference implementation the cf-at submission builds on; the two schedules differ by one
+iteration's shift and meet as ``k`` grows (``tests/test_cf_at.py`` checks an iterate sequence
+against a float64 transcription of alibi's loop order, and that the paper's ``k / (k + 3)``
+gives a different one).
 
 Choices where the paper is silent or differs from its code (each stated in the record):
 
@@ -234,21 +248,31 @@ class ProtoCF(Attack):
                           for i in range(0, len(x), bs)]) if len(x) else torch.empty(0)
 
     @torch.no_grad()
-    def prototypes(self, codes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean of the ``proto_k`` training codes of class ``target[i]`` nearest to ``codes[i]``."""
+    def prototypes(self, codes: torch.Tensor, target: torch.Tensor,
+                   exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the ``proto_k`` training codes of class ``target[i]`` nearest to ``codes[i]``;
+        ``exclude[i]`` (an index into the fitted training set, or -1) is left out of row i's
+        candidates (cf-at's ``exclude_self``: x's own code out of its counterfactual's prototype)."""
         self._require_fit()
         codes, target = _flat(codes), target.to(self.labels.device).long()
         out = torch.empty_like(codes)
         for c in target.unique().tolist():
             rows = (target == c).nonzero().flatten()
-            pool = self.codes[self.labels == c]
+            members = (self.labels == c).nonzero().flatten()
+            pool = self.codes[members]
             if len(pool) == 0:
                 raise UsageError(f"proto-cf: no training example of target class {c}, so it has no prototype. "
                                  f"Valid targets: {sorted(set(self.labels.tolist()))}.")
-            k = min(self.params.proto_k, len(pool))
+            k = min(self.params.proto_k, len(pool) - (1 if exclude is not None else 0))
+            if k < 1:
+                raise UsageError(f"proto-cf: class {c} has a single training example, so excluding it leaves no "
+                                 "prototype; use exclude_self=false.")
             for s in range(0, len(rows), 1024):
                 r = rows[s:s + 1024]
-                nn = torch.cdist(codes[r].double(), pool.double()).topk(k, largest=False).indices
+                d = torch.cdist(codes[r].double(), pool.double())
+                if exclude is not None:
+                    d[exclude.to(members.device)[r, None] == members[None, :]] = math.inf
+                nn = d.topk(k, largest=False).indices
                 out[r] = pool[nn].mean(1)
         return out
 
@@ -280,8 +304,8 @@ class ProtoCF(Attack):
         lower = torch.zeros(n, device=dev, dtype=torch.float64)
         upper = torch.full((n,), NO_BOUND, device=dev, dtype=torch.float64)
         best = x0.clone()
-        best_dist = torch.full((n,), math.inf, device=dev)
-        best_margin = torch.full((n,), -math.inf, device=dev)
+        best_dist = torch.full((n,), math.inf, device=dev, dtype=x0.dtype)
+        best_margin = torch.full((n,), -math.inf, device=dev, dtype=x0.dtype)
         found = torch.zeros(n, dtype=torch.bool, device=dev)
         adv = x0.clone()
         for _ in range(p.c_steps):
@@ -297,7 +321,7 @@ class ProtoCF(Attack):
                     d = z - x0
                     new = torch.where(d > p.beta, (z - p.beta).clamp(max=1.0),
                                       torch.where(d < -p.beta, (z + p.beta).clamp(min=0.0), x0))
-                    zt = (k + 1) / (k + 4)
+                    zt = (k + 1) / (k + 4)   # alibi's executed schedule (module docstring)
                     adv_s = (new + zt * (new - adv)).clamp(0.0, 1.0)
                     adv = new
                     logits = model(adv)
@@ -322,9 +346,11 @@ class ProtoCF(Attack):
         return CFResult(x=x_out.detach(), valid=found, margin=margin.detach(), const=const)
 
     def generate(self, model: torch.nn.Module, x0: torch.Tensor, target: torch.Tensor, *,
-                 progress: bool = False, desc: str = "counterfactuals") -> CFResult:
+                 progress: bool = False, desc: str = "counterfactuals",
+                 exclude: torch.Tensor | None = None) -> CFResult:
         """Counterfactuals of ``x0`` towards classes ``target`` for ``model`` (batched; the
-        model and the autoencoder run in eval mode; the model's mode is restored)."""
+        model and the autoencoder run in eval mode; the model's mode is restored); ``exclude``:
+        per instance, a fitted training index left out of its prototype (see :meth:`prototypes`)."""
         self._require_fit()
         if len(x0) != len(target):
             raise UsageError(f"proto-cf: {len(x0)} instances but {len(target)} target classes.")
@@ -344,7 +370,8 @@ class ProtoCF(Attack):
         try:
             for s in range(0, len(x0), bs):
                 xb, tb = x0[s:s + bs], target[s:s + bs]
-                parts.append(self._batch(model, xb, tb, self.prototypes(self.encode(xb), tb)))
+                ex = exclude[s:s + bs] if exclude is not None else None
+                parts.append(self._batch(model, xb, tb, self.prototypes(self.encode(xb), tb, ex)))
                 if bar is not None:
                     bar.update(len(xb))
         finally:
@@ -362,14 +389,19 @@ class ProtoCF(Attack):
         return self.generate(model, x, y).x
 
     def neighbour_counterfactuals(self, model: torch.nn.Module, *, progress: bool = False,
-                                  desc: str = "counterfactuals") -> tuple[torch.Tensor, CFResult]:
+                                  desc: str = "counterfactuals",
+                                  exclude_self: bool = False) -> tuple[torch.Tensor, CFResult]:
         """cf-at's generation: for every fitted training pair (x_i, y_i), the counterfactual of
         its latent nearest neighbour of another class, x_nn, towards y_i.  Returns the neighbour
-        indices and the :class:`CFResult` (distances in the objective are to x_nn)."""
+        indices and the :class:`CFResult` (distances in the objective are to x_nn).  The
+        prototype of y_i is drawn from the class-y_i training codes nearest to x_nn's code, of
+        which x_i's own is usually one; ``exclude_self`` leaves x_i out of them."""
         self._require_fit()
         nn = self.nearest_other_class()
         nn_d = nn.to(self.x_fit.device)
-        return nn, self.generate(model, self.x_fit[nn_d], self.labels, progress=progress, desc=desc)
+        exclude = torch.arange(len(self.labels), device=self.labels.device) if exclude_self else None
+        return nn, self.generate(model, self.x_fit[nn_d], self.labels, progress=progress, desc=desc,
+                                 exclude=exclude)
 
 
 def logits_classes(model: torch.nn.Module, x: torch.Tensor) -> int:

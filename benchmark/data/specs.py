@@ -83,6 +83,13 @@ class MNIST(DatasetSpec):
     default_eps_l2 = 2.0
     augmentation = "shift"
     default_epochs = 10
+    #: the literature's MNIST attack settings (Linf eps = 0.3): Madry et al. (2018)'s MNIST challenge
+    #: trains with 40 PGD steps of 0.01 from a random start; TRADES' reference script
+    #: (yaodongyu/TRADES, train_trades_mnist.py) uses 40 steps of 0.01 and beta = 1.0
+    default_defense_settings = {"pgd-at": {"steps": 40, "step_size": 0.01},
+                                "trades": {"steps": 40, "step_size": 0.01, "beta": 1.0}}
+    #: ... and evaluates with PGD-40 of 0.01 (train_trades_mnist.py's eval_adv_test_whitebox)
+    default_evaluator_settings = {"pgd.steps": 40, "pgd.step_size": 0.01}
     how_to_get = ("pass --data-dir DIR containing train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
                   "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] (the original IDX files), "
                   "or add --download if torchvision is installed.")
@@ -105,6 +112,11 @@ class CIFAR10(DatasetSpec):
     augmentation = "flip-shift"
     default_epochs = 30
     default_lr = 0.1
+    #: the literature's CIFAR-10 attack settings (Linf eps = 8/255): Madry et al. (2018)'s
+    #: cifar10_challenge trains with 7 PGD steps of 2/255; TRADES' CIFAR-10 script uses 10 steps
+    #: of 0.007 and beta = 6.0 (cfbench's default beta already)
+    default_defense_settings = {"pgd-at": {"steps": 7, "step_size": 2 / 255},
+                                "trades": {"steps": 10, "step_size": 0.007, "beta": 6.0}}
     how_to_get = ("pass --data-dir DIR containing the extracted `cifar-10-batches-py` folder (from "
                   "cifar-10-python.tar.gz), or add --download if torchvision is installed.")
     class_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -65,6 +65,11 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: named sanity flags (:func:`cfbench.evaluators.sanity.flag`): merged by name into ``record["flags"]``
     flags: list[dict[str, Any]] = field(default_factory=list)
+    #: per-example outcomes over the run's test split, namespaced like metrics (e.g.
+    #: ``clean.correct``: bool per test image; ``robust.autoattack.robust``: bool per attacked
+    #: image, the first n of the test split); saved in ``<run>/per_example.npz`` for paired
+    #: comparisons (``cfbench compare``)
+    per_example: dict[str, Any] = field(default_factory=dict)
 
 
 class Evaluator(Component):

@@ -1,28 +1,40 @@
-"""Robust accuracy: PGD-k (fast, own PGD) and AutoAttack (standard version, via pyautoattack).
+"""Robust accuracy: PGD-k (fast, own PGD) and AutoAttack (standard version, via pyautoattack),
+each carrying the sanity flags of :mod:`.sanity`.
 
 AutoAttack is the number cfbench reports as robust accuracy.  It is run through
 ``pyautoattack`` 0.2.0 (the package RobustBench depends on), ``version='standard'``:
 APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries), with the run's seed.
 Its own checks (randomised / dynamic defense, probability outputs, too many target classes,
-Square beating the white-box attacks) are logged by the package; cfbench captures them into
-the record's ``warnings`` and ``robust.autoattack.flags``, together with the robust accuracy
-after each attack.  cfbench's own state file in the run directory makes an interrupted
-evaluation resume after its last finished attack (see :class:`AutoAttackRobustness`).
+zero gradients) are logged by the package; cfbench captures them into the record's
+``warnings`` and turns each into a named flag (:func:`.sanity.autoattack_flag`).  cfbench's
+own state file in the run directory makes an interrupted evaluation resume after its last
+finished attack (see :class:`AutoAttackRobustness`).
+
+Both evaluators attack **the first n examples of the test split** (PGD may take more than
+AutoAttack; the comparison uses the common ones), and an example the model misclassifies
+clean is never robust.  Both run the model-level checks of :func:`model_checks`
+(randomised forward, vanishing gradients, the eps sweep; computed once per run and shared),
+and AutoAttack compares itself with PGD on its examples (``pgd_autoattack_gap``) and its
+Square with the white-box attacks before it (``gradient_free_beats_whitebox``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from .. import params as P
+from ..attacks.base import ThreatModel
 from ..attacks.pgd import STEP_SIZE_HELP, PGDAttack, PGDParams, default_step_size
 from ..params import param
 from ..store.io import load_tensors, save_tensors_atomic
+from . import sanity as S
 from .base import EvalContext, EvalResult, Evaluator, predict, proportion
 
 
@@ -31,18 +43,104 @@ class PGDEvalParams:
     steps: int = param(20, "PGD iterations", ge=1)
     step_size: float | None = param(None, STEP_SIZE_HELP, gt=0)
     restarts: int = param(1, "random restarts", ge=1)
-    n_examples: int | None = param(None, "test examples attacked (default: all)", ge=1)
+    n_examples: int | None = param(None, "test examples attacked: the first n of the test split (default: all)",
+                                   ge=1)
     batch_size: int = param(256, "attack batch size", ge=1)
+    eot_samples: int = param(20, "gradient samples per step (EOT) when the forward pass is randomised", ge=1)
+    sanity: bool = param(True, "run the model-level sanity checks (randomness, gradients, eps sweep)")
+
+
+def pgd_robust(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, p: PGDEvalParams,
+               device, seed: int, eot: int = 1, keep: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example robustness under PGD-k (restarts, EOT) and the first ``keep`` adversarial
+    examples, both on CPU.  Robust = classified correctly clean *and* after the attack."""
+    attack = PGDAttack(PGDParams(steps=p.steps, step_size=p.step_size, restarts=p.restarts, eot=eot))
+    torch.manual_seed(seed)
+    model.eval()
+    robust, advs = [], []
+    for i in range(0, len(x), p.batch_size):
+        xb, yb = x[i:i + p.batch_size].to(device), y[i:i + p.batch_size].to(device)
+        xa = attack.perturb(model, xb, yb, threat)
+        with torch.no_grad():
+            ok = (model(xb).argmax(1) == yb) & (model(xa).argmax(1) == yb)
+        robust.append(ok.cpu())
+        if sum(len(a) for a in advs) < keep:
+            advs.append(xa[:keep].cpu())
+    rob = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
+    return rob, (torch.cat(advs)[:keep] if advs else x[:0])
+
+
+def run_pgd_params(ctx: EvalContext) -> PGDEvalParams:
+    """The ``pgd`` evaluator's settings of this run, or its defaults when it is not evaluated
+    (used by the sanity checks, so that they attack as the run's PGD does)."""
+    given = (ctx.config.evaluator_params or {}).get("pgd") if ctx.config is not None else None
+    return given if isinstance(given, PGDEvalParams) else PGDEvalParams()
+
+
+def model_checks(ctx: EvalContext, evaluator: str,
+                 pgd_params: PGDEvalParams | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The model-level checks (``randomized_forward``, ``vanishing_gradients``, ``eps_sweep``)
+    on the first :data:`.sanity.SANITY_N` test examples: (evidence, flags raised by
+    ``evaluator``).  Computed once per run (cached in ``ctx.shared``, keyed by the examples,
+    threat model, seed and PGD settings) and shared by the robustness evaluators; each one
+    that asks re-raises the flags under its own name (the runner merges them by name).  The
+    sweep attacks with ``pgd_params`` (the pgd evaluator passes its own), else the run's."""
+    p = pgd_params or run_pgd_params(ctx)
+    d = ctx.data
+    n = min(S.SANITY_N, len(d.x_test))
+    key = ("robust.sanity.model", n, ctx.threat.norm, ctx.threat.eps, ctx.seed, tuple(sorted(P.to_dict(p).items())))
+    cached = ctx.shared.get("robust.sanity.model")
+    if cached is None or cached["key"] != key:
+        x, y = d.x_test[:n], d.y_test[:n]
+        rnd = S.forward_randomness(ctx.model, x, ctx.device)
+        eot = p.eot_samples if rnd["randomized"] else 1
+        checks: dict[str, Any] = {"examples": f"the first {n} test examples", "randomness": rnd}
+        with torch.no_grad():
+            correct = predict(ctx.model, x, ctx.device).argmax(1) == y
+        norms = S.input_gradient_norms(ctx.model, x[correct], y[correct], ctx.device)
+        checks["gradients"] = S.check_gradients(norms, "?")[0]
+        points = []
+        for e in S.sweep_radii(ctx.threat.eps, ctx.threat.norm, int(x[0].numel())):
+            scale = e / ctx.threat.eps
+            pe = dataclasses.replace(p, step_size=None if p.step_size is None else p.step_size * scale)
+            rob, _ = pgd_robust(ctx.model, x, y, ThreatModel(ctx.threat.norm, e), pe, ctx.device, ctx.seed, eot=eot)
+            points.append((e, rob))
+        checks["eps_sweep"] = S.check_sweep(points, ctx.threat.eps, "?", labels=y)[0]
+        checks["pgd"] = {**P.to_dict(p), "eot": eot}
+        cached = {"key": key, "checks": checks, "norms": norms, "points": points, "labels": y}
+        ctx.shared["robust.sanity.model"] = cached
+    checks = cached["checks"]
+    flags = []
+    rnd = checks["randomness"]
+    if rnd["randomized"]:
+        flags.append(S.flag("randomized_forward", evaluator,
+                            f"two forward passes of the same {rnd['n']} examples differ (max |logit difference| "
+                            f"{rnd['max_abs_diff']:.3g}, {rnd['changed_predictions']} predictions changed): EOT "
+                            "required, and used", rnd))
+    fl = S.check_gradients(cached["norms"], evaluator)[1]
+    if fl:
+        flags.append(fl)
+    fl = S.check_sweep(cached["points"], ctx.threat.eps, evaluator, labels=cached["labels"])[1]
+    if fl:
+        flags.append(fl)
+    return checks, flags
 
 
 class PGDRobustness(Evaluator):
-    """Robust accuracy under PGD-k with random start in the run's threat model."""
+    """Robust accuracy under PGD-k with random start in the run's threat model.
+
+    Robust means correctly classified clean and after the attack (a clean error is never
+    robust).  When two forward passes of the same input differ (a randomised defense), every
+    step averages the gradient over ``eot_samples`` passes (EOT).  With ``sanity`` on, the
+    model-level checks of :func:`model_checks` run and their flags go into the record.
+    Per-example results are left in ``ctx.shared["robust.pgd"]`` for AutoAttack's comparison.
+    """
 
     name = "pgd"
     namespace = "robust.pgd"
     contract_params = {"n_examples": 16, "steps": 2}
-    description = "robust accuracy under PGD-k (random start, restarts) in the run's threat model"
-    version = 1
+    description = "robust accuracy under PGD-k (random start, restarts, EOT if randomised) + sanity checks"
+    version = 2
     Params = PGDEvalParams
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
@@ -50,32 +148,42 @@ class PGDRobustness(Evaluator):
         d = ctx.data
         n = min(p.n_examples or len(d.x_test), len(d.x_test))
         x, y = d.x_test[:n], d.y_test[:n]
-        attack = PGDAttack(PGDParams(steps=p.steps, step_size=p.step_size, restarts=p.restarts))
-        torch.manual_seed(ctx.seed)
-        ctx.model.eval()
-        correct = 0
-        advs = []
-        for i in range(0, n, p.batch_size):
-            xb, yb = x[i:i + p.batch_size].to(ctx.device), y[i:i + p.batch_size].to(ctx.device)
-            xa = attack.perturb(ctx.model, xb, yb, ctx.threat)
-            with torch.no_grad():
-                correct += int((ctx.model(xa).argmax(1) == yb).sum())
-            if i == 0:
-                advs.append(xa[:16].cpu())
-        ctx.examples["pgd"] = (x[:16], torch.cat(advs) if advs else x[:0], y[:16])
         res = EvalResult()
-        res.metrics["robust.pgd.accuracy"] = proportion(correct, n)
+        if p.sanity:
+            checks, flags = model_checks(ctx, self.name, p)
+            randomized = checks["randomness"]["randomized"]
+            res.flags.extend(flags)
+        else:
+            checks = None
+            randomized = S.forward_randomness(ctx.model, x[:S.SANITY_N], ctx.device)["randomized"]
+        eot = p.eot_samples if randomized else 1
+        robust, advs = pgd_robust(ctx.model, x, y, ctx.threat, p, ctx.device, ctx.seed, eot=eot)
+        ctx.examples["pgd"] = (x[:16], advs, y[:16])
+        ctx.shared["robust.pgd"] = {"robust": robust, "n": n, "norm": ctx.threat.norm, "eps": ctx.threat.eps,
+                                    "params": P.to_dict(p), "eot": eot}
+        res.metrics["robust.pgd.accuracy"] = proportion(int(robust.sum()), n)
+        res.metrics["robust.pgd.n"] = n
         res.notes["robust.pgd"] = {"steps": p.steps, "restarts": p.restarts,
                                    "step_size": default_step_size(ctx.threat.eps, p.steps, p.step_size),
-                                   "norm": ctx.threat.norm, "eps": ctx.threat.eps}
+                                   "norm": ctx.threat.norm, "eps": ctx.threat.eps, "n_examples": n,
+                                   "examples": f"the first {n} test examples", "eot": eot,
+                                   "robust_means": "correct on the clean input and after the attack",
+                                   "sanity": checks}
+        res.flags = S.merge_flags([], res.flags)
         return res
 
 
 @dataclass(frozen=True)
 class AutoAttackParams:
     n_examples: int = param(500, "test examples evaluated (the first n of the test split)", ge=1)
-    version: Literal["standard", "plus"] = param("standard", "AutoAttack version")
+    version: Literal["standard", "plus", "rand"] = param(
+        "standard", "AutoAttack version (standard becomes rand, with EOT, for a randomised forward pass)")
     batch_size: int = param(250, "attack batch size", ge=1)
+    max_pgd_gap: float = param(0.05, "flag when PGD exceeds AutoAttack on the same examples by more than this "
+                                     "(lower end of the paired 95% interval)", ge=0, le=1)
+    max_square_gain: float = param(0.01, "flag when Square, after the white-box attacks, breaks more than this "
+                                         "fraction of the evaluated examples (lower 95% bound)", ge=0, le=1)
+    sanity: bool = param(True, "run the sanity checks (PGD gap, Square vs white-box, model-level checks)")
 
 
 class _Capture(logging.Handler):
@@ -102,15 +210,25 @@ class AutoAttackRobustness(Evaluator):
     each), written atomically.  A killed evaluation resumes after the last finished attack.
     (pyautoattack 0.2.0's own ``state_path`` cannot resume: it writes the set of attacks with
     ``json.dump(default=str)`` and compares the string read back with a set, so every resume
-    raises "created with a different set of attacks".)  The package's Square check, which
-    compares the accuracies after all attacks, is called by cfbench on the whole breakdown.
+    raises "created with a different set of attacks".)
+
+    Sanity (``sanity=true``, :mod:`.sanity`): a randomised forward pass switches version
+    ``standard`` to ``rand`` (APGD-CE and APGD-DLR with 20 EOT iterations) and raises
+    ``randomized_forward``; PGD is compared with AutoAttack on these very examples -- the
+    ``pgd`` evaluator's per-example results when it ran earlier in the run on them, else
+    PGD with its settings run here (``pgd_autoattack_gap``, metrics
+    ``robust.autoattack.sanity.pgd_accuracy`` and ``.pgd_gap``); the examples Square breaks
+    after the white-box attacks give ``gradient_free_beats_whitebox`` (this replaces the
+    package's ``check_square_sr`` as a flag; its warning is still recorded); the model-level
+    checks of :func:`model_checks` run too.  Every warning of the package's own checks is a
+    named flag (:func:`.sanity.autoattack_flag`).
     """
 
     name = "autoattack"
     namespace = "robust.autoattack"
     contract_params = {"n_examples": 8}
-    description = "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack; flags recorded"
-    version = 1
+    description = "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack; sanity flags recorded"
+    version = 2
     Params = AutoAttackParams
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
@@ -125,10 +243,18 @@ class AutoAttackRobustness(Evaluator):
         res = EvalResult()
         if n < p.n_examples:
             res.warnings.append(f"autoattack: only {n} test examples exist; evaluated {n}, not {p.n_examples}")
-        adversary = AutoAttack(ctx.model, norm=ctx.threat.norm, eps=ctx.threat.eps, version=p.version,
+        checks: dict[str, Any] | None = None
+        if p.sanity:
+            checks, flags = model_checks(ctx, self.name)
+            res.flags.extend(flags)
+            randomized = checks["randomness"]["randomized"]
+        else:
+            randomized = S.forward_randomness(ctx.model, x[:p.batch_size], ctx.device)["randomized"]
+        version = "rand" if (randomized and p.version == "standard") else p.version
+        adversary = AutoAttack(ctx.model, norm=ctx.threat.norm, eps=ctx.threat.eps, version=version,
                                device=str(ctx.device), seed=ctx.seed)
         attacks = list(adversary.attacks_to_run)
-        key = {"n": n, "version": p.version, "norm": ctx.threat.norm, "eps": ctx.threat.eps,
+        key = {"n": n, "version": version, "norm": ctx.threat.norm, "eps": ctx.threat.eps,
                "seed": ctx.seed, "attacks": attacks, "x_sha256": _sha256(x), "y_sha256": _sha256(y)}
         state_path = ctx.run_dir / STATE_FILE
         state = _load_state(state_path, key)
@@ -177,17 +303,62 @@ class AutoAttackRobustness(Evaluator):
         flags_msgs = list(dict.fromkeys(r.getMessage() for r in handler.records if r.levelno >= logging.WARNING))
         res.metrics["robust.autoattack.n"] = n
         res.warnings.extend(f"autoattack: {m}" for m in flags_msgs)
+        for m in flags_msgs:
+            fl = S.autoattack_flag(m, self.name)
+            if fl is not None:
+                res.flags.append(fl)
+        sanity: dict[str, Any] = {"model": checks} if checks is not None else {}
+        if version != p.version:
+            sanity["eot"] = (f"randomised forward pass: version {p.version!r} replaced by {version!r} "
+                             f"(attacks {', '.join(attacks)}, EOT over {adversary.apgd.eot_iter} samples)")
+        if p.sanity:
+            self._compare(ctx, x, y, state, attacks, randomized, res, sanity)
         res.notes["robust.autoattack"] = {
-            "package": "pyautoattack", "version": p.version, "norm": ctx.threat.norm, "eps": ctx.threat.eps,
-            "n_examples": n, "attacks": attacks, "seed": ctx.seed, "flags": flags_msgs,
-            "resumed": resumed, "resumed_after": resumed_after if resumed else None,
+            "package": "pyautoattack", "version": version, "requested_version": p.version, "norm": ctx.threat.norm,
+            "eps": ctx.threat.eps, "n_examples": n, "examples": f"the first {n} test examples", "attacks": attacks,
+            "seed": ctx.seed, "flags": flags_msgs, "resumed": resumed, "resumed_after": resumed_after if resumed else None,
             "breakdown": dict(state["acc"]), "seconds_per_attack": dict(state["seconds"]),
             "driver": "one run_standard_evaluation call per attack on the still-robust examples; "
                       "cfbench's own resumable state",
+            "sanity": sanity,
         }
         ctx.examples["autoattack"] = (x[:16], state["x_adv"][:16].clone(), y[:16])
         state_path.unlink(missing_ok=True)
+        res.flags = S.merge_flags([], res.flags)  # a warning repeated by the per-attack calls: one flag
         return res
+
+    def _compare(self, ctx: EvalContext, x, y, state, attacks, randomized: bool, res: EvalResult,
+                 sanity: dict[str, Any]) -> None:
+        """PGD vs AutoAttack on the same examples; Square vs the white-box attacks before it."""
+        p = self.params
+        n = len(x)
+        shared = ctx.shared.get("robust.pgd")
+        if (shared is not None and shared["n"] >= n and shared["norm"] == ctx.threat.norm
+                and shared["eps"] == ctx.threat.eps):
+            pgd_rob = shared["robust"][:n]
+            label = f"PGD-{shared['params']['steps']} (the pgd evaluator, its first {n} examples)"
+        else:
+            pp = run_pgd_params(ctx)
+            pgd_rob, _ = pgd_robust(ctx.model, x, y, ctx.threat, pp, ctx.device, ctx.seed,
+                                    eot=pp.eot_samples if randomized else 1)
+            label = f"PGD-{pp.steps} (run by autoattack on its examples)"
+        ev, fl = S.check_gap(pgd_rob, state["robust"], p.max_pgd_gap, self.name, label)
+        sanity["pgd_autoattack_gap"] = ev
+        res.metrics["robust.autoattack.sanity.pgd_accuracy"] = proportion(int(pgd_rob.sum()), n)
+        res.metrics["robust.autoattack.sanity.pgd_gap"] = {k: ev["gap"][k] for k in ("value", "ci_low", "ci_high", "n")}
+        if fl:
+            res.flags.append(fl)
+        if "square" in attacks:
+            order = ["clean"] + list(attacks)
+            i = order.index("square")
+            before = round(state["acc"][order[i - 1]] * n)
+            after = round(state["acc"]["square"] * n)
+            white = [a for a in attacks[:attacks.index("square")]]
+            ev, fl = S.check_gradient_free(before - after, before, n, p.max_square_gain, attack="square",
+                                           evaluator=self.name, whitebox=white)
+            sanity["gradient_free_beats_whitebox"] = ev
+            if fl:
+                res.flags.append(fl)
 
 
 def _sha256(t: torch.Tensor) -> str:

@@ -25,16 +25,19 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
-    "roc",
+    "MIN_FALSE_POSITIVES",
+    "advantage",
     "auc",
     "auc_hanley_mcneil",
     "balanced_accuracy",
-    "tpr_at_fpr",
+    "best_of",
     "clopper_pearson",
     "downsample_roc",
+    "lowest_supported_fpr",
+    "roc",
+    "same_ranking",
     "summarize",
-    "best_of",
-    "MIN_FALSE_POSITIVES",
+    "tpr_at_fpr",
 ]
 
 #: A false-positive rate is "supported" only if at least this many non-members may be
@@ -162,6 +165,50 @@ def balanced_accuracy(scores, labels) -> float:
     """
     fpr, tpr, _ = roc(scores, labels)
     return float(np.max(0.5 * (tpr + 1.0 - fpr)))
+
+
+def advantage(scores, labels) -> float:
+    """Membership advantage ``max_t (TPR(t) - FPR(t))`` (Yeom et al. 2018) over the ROC vertices.
+
+    Equals ``2 * balanced_accuracy - 1`` and, like it, is **optimistic** (the threshold is
+    chosen on the evaluated data).  Always >= 0 (the trivial thresholds are included).
+    """
+    fpr, tpr, _ = roc(scores, labels)
+    return float(np.max(tpr - fpr))
+
+
+def lowest_supported_fpr(n_nonmembers: int, min_false_positives: int = MIN_FALSE_POSITIVES) -> float | None:
+    """The lowest false-positive rate the support rule allows: ``min_false_positives / N_out``.
+
+    ``None`` when even FPR = 1 is unsupported (fewer than ``min_false_positives`` non-members).
+    """
+    n = int(n_nonmembers)
+    if n < min_false_positives or n <= 0:
+        return None
+    return min_false_positives / n
+
+
+def same_ranking(a, b) -> bool:
+    """True when two score vectors order the examples identically (ties included).
+
+    Two such attacks have the same ROC curve, hence identical AUC, balanced accuracy and TPR
+    at every FPR: they are one attack, not two (e.g. the loss ``log p_y`` and the confidence
+    ``p_y`` of one query).  NaN positions must coincide; the finite scores must have equal
+    dense ranks.
+    """
+    from scipy.stats import rankdata
+
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        return False
+    nx, ny = np.isnan(x), np.isnan(y)
+    if not np.array_equal(nx, ny):
+        return False
+    ok = ~nx
+    if not ok.any():
+        return True
+    return bool(np.array_equal(rankdata(x[ok], method="dense"), rankdata(y[ok], method="dense")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +353,10 @@ def summarize(scores, labels, fprs: Sequence[float] = (0.01, 0.001, 0.0001), *,
         {
           "auc": {"value", "ci_low", "ci_high", "se", "confidence", "method"},   # Hanley-McNeil
           "balanced_accuracy": {"value", "threshold", "optimistic": True},
+          "advantage": {"value", "threshold", "optimistic": True},           # max TPR - FPR
           "tpr_at_fpr": {str(f): tpr_at_fpr(...) for f in fprs},   # n/a entries have value None
+          "lowest_fpr": {"value": min_false_positives / N_out or None, "n_nonmembers", "rule"},
+          "tpr_at_lowest_fpr": tpr_at_fpr(lowest_fpr) (n/a if None),
           "roc": {"fpr": [...], "tpr": [...]},                       # downsample_roc
           "n_members": N_in, "n_nonmembers": N_out,
         }
@@ -329,15 +379,27 @@ def summarize(scores, labels, fprs: Sequence[float] = (0.01, 0.001, 0.0001), *,
     bal = 0.5 * (tpr + 1.0 - fpr)
     ib = int(np.argmax(bal))
     t_bal = float(thr[ib])
+    adv = tpr - fpr
+    ia = int(np.argmax(adv))
+    t_adv = float(thr[ia])
     roc_f, roc_t = downsample_roc(fpr, tpr, n_points, n_nonmembers=n_out)
+    low = lowest_supported_fpr(n_out, min_false_positives)
+    rule = f"FPR >= {min_false_positives} / N_out (at least {min_false_positives} non-members may be false positives)"
     return {
         "auc": auc_hanley_mcneil(auc_value, n_in, n_out, confidence),
         "balanced_accuracy": {"value": float(bal[ib]),
                               "threshold": t_bal if math.isfinite(t_bal) else None,
                               "optimistic": True},
+        "advantage": {"value": float(adv[ia]), "threshold": t_adv if math.isfinite(t_adv) else None,
+                      "optimistic": True},
         "tpr_at_fpr": {str(f): _tpr_at_fpr_from_counts(fps, tps, thr, n_in, n_out, f,
                                                        confidence, min_false_positives)
                        for f in fprs},
+        "lowest_fpr": {"value": low, "n_nonmembers": n_out, "rule": rule},
+        "tpr_at_lowest_fpr": (_tpr_at_fpr_from_counts(fps, tps, thr, n_in, n_out, low, confidence,
+                                                      min_false_positives) if low is not None else
+                              _na(f"fewer than {min_false_positives} non-members ({n_out}): no FPR is supported",
+                                  None, n_in, n_out, confidence)),
         "roc": {"fpr": roc_f, "tpr": roc_t},
         "n_members": n_in,
         "n_nonmembers": n_out,

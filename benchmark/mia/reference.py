@@ -29,7 +29,7 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["REFERENCE_SCHEME_VERSION", "reference_subset", "reference_in_mask", "reference_train_seed"]
+__all__ = ["REFERENCE_SCHEME_VERSION", "reference_in_mask", "reference_subset", "reference_train_seed"]
 
 #: bump when the subset construction or the training of reference models changes
 REFERENCE_SCHEME_VERSION = 1

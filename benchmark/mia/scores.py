@@ -28,19 +28,19 @@ import numpy as np
 from scipy import special
 
 __all__ = [
-    "softmax",
-    "log_softmax",
-    "loss_score",
+    "best_threshold",
+    "class_threshold_score",
     "confidence_score",
     "entropy_score",
-    "modified_entropy_score",
-    "best_threshold",
     "fit_class_thresholds",
-    "class_threshold_score",
-    "lira_phi",
-    "lira_online",
     "lira_offline",
+    "lira_online",
+    "lira_phi",
+    "log_softmax",
+    "loss_score",
+    "modified_entropy_score",
     "rmia_scores",
+    "softmax",
 ]
 
 #: Clipping constant of the reference modified-entropy code (an exact 0 inside a log
@@ -449,24 +449,28 @@ def lira_offline(target_phi, ref_phi, in_mask=None, fix_variance: bool | str = F
     """Offline LiRA: test ``phi`` against the OUT Gaussian only.
 
     * ``two_sided=False`` (default, the paper's one-sided test): the attack measures how far
-      ``phi`` lies *above* the OUT distribution, ``Lambda = Pr[Z <= phi]`` for
-      ``Z ~ N(mu_out, sigma_out^2)``; the score is
-      ``mean_a log Phi((phi_a - mu_out) / sigma_out)`` (``scipy.special.log_ndtr``, exact in
-      the tails where ``Phi`` itself would round to 0 or 1).
+      ``phi`` lies *above* the OUT distribution.  The paper's statistic is
+      ``Lambda = Pr[Z <= phi] = Phi(z)`` with ``z = (phi - mu_out) / sigma_out``, a monotone
+      function of ``z``; the score is **``mean_a z_a``**, the standardised distance itself.
+      (cfbench version 1 scored ``mean_a log Phi(z_a)``: ``log Phi(z)`` rounds to exactly 0.0
+      once ``z`` exceeds ~38, so the most confident members tied with each other and with
+      non-members at the top of the ranking, and TPR was 0 below 0.6-2.2% FPR on the demo.
+      With one query ``z`` ranks exactly as ``Phi(z)`` in exact arithmetic; with several
+      queries the mean of the ``z_a`` is the sufficient statistic of a Gaussian shift shared
+      by the queries.)
     * ``two_sided=True`` (the reference code ``generate_ours_offline``): score
       ``-mean_a log N(phi_a; mu_out, sigma_out)``: a signal far from the OUT mean in *either*
       direction counts as a member (including examples the target fits *worse* than its
       reference models).
 
-    Averaging over augmentations is of log-probabilities in both cases (the reference
-    averages log-densities).  ``in_mask`` (K, N), if given, marks reference models trained on
-    the example, which are ignored; ``None`` means all reference models are OUT (the true
-    offline setting).  ``fix_variance``: ``False`` = per-example sigma_out; ``True`` /
-    ``"global"`` / ``"shared"`` = one pooled within-example sigma_out (the reference's
-    ``np.std(dat_out)`` over raw signals differs from it only by a global factor, which
-    leaves the ranking, and hence every metric, unchanged for both variants).
-    ``center``, ``min_models``, ``eps`` as in :func:`lira_online` (``min_models`` counts OUT
-    models only).  Returns (N,) float64, NaN where OUT models are lacking.
+    ``in_mask`` (K, N), if given, marks reference models trained on the example, which are
+    ignored; ``None`` means all reference models are OUT (the true offline setting).
+    ``fix_variance``: ``False`` = per-example sigma_out; ``True`` / ``"global"`` /
+    ``"shared"`` = one pooled within-example sigma_out (the reference's ``np.std(dat_out)``
+    over raw signals differs from it only by a global factor, which leaves the ranking, and
+    hence every metric, unchanged for both variants).  ``center``, ``min_models``, ``eps`` as
+    in :func:`lira_online` (``min_models`` counts OUT models only).  Returns (N,) float64,
+    NaN where OUT models are lacking.
     """
     t, r, m = _as_kna(ref_phi, target_phi, in_mask)
     out_mask = np.ones(r.shape[:2], dtype=bool) if m is None else ~m
@@ -482,7 +486,7 @@ def lira_offline(target_phi, ref_phi, in_mask=None, fix_variance: bool | str = F
         if two_sided:
             score = -_norm_logpdf(x, loc, sigma).mean(axis=1)
         else:
-            score = special.log_ndtr((x - loc) / sigma).mean(axis=1)
+            score = ((x - loc) / sigma).mean(axis=1)
     score[k < min_models] = np.nan
     return score
 
@@ -490,8 +494,25 @@ def lira_offline(target_phi, ref_phi, in_mask=None, fix_variance: bool | str = F
 # --------------------------------------------------------------------------------------------
 # RMIA (Zarifzadeh, Liu & Shokri 2024)
 # --------------------------------------------------------------------------------------------
+def _log_mean(logv: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """``log mean_k exp(logv[k])`` over axis 0 (only where ``mask``), stable; -inf for no model."""
+    if mask is None:
+        return special.logsumexp(logv, axis=0) - math.log(logv.shape[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cnt = np.log(mask.sum(axis=0).astype(np.float64))
+        lse = special.logsumexp(np.where(mask, logv, -np.inf), axis=0)
+        return np.where(np.isfinite(cnt), lse - cnt, np.nan)
+
+
+def _log_offline_p(log_p_out: np.ndarray, a: float) -> np.ndarray:
+    """``log(1/2 ((1 + a) p_OUT + (1 - a)))`` from ``log p_OUT`` (exact also for a = 1)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return math.log(0.5) + np.logaddexp(math.log1p(a) + log_p_out, math.log1p(-a) if a < 1 else -np.inf)
+
+
 def rmia_scores(target_p, ref_p, in_mask, target_p_pop, ref_p_pop, gamma: float = 1.0,
-                a: float = 0.3, online: bool = False, *, strict: bool = False) -> np.ndarray:
+                a: float = 0.3, online: bool = False, *, strict: bool = False, log_inputs: bool = False,
+                continuous: bool = False) -> np.ndarray:
     """RMIA score: the fraction of population points ``z`` that ``x`` dominates.
 
     ``LR(x, z) = [p(x|theta) / p(x)] / [p(z|theta) / p(z)]`` and
@@ -501,7 +522,9 @@ def rmia_scores(target_p, ref_p, in_mask, target_p_pop, ref_p_pop, gamma: float 
     Parameters
     ----------
     target_p : (N,) -- target model's probability of the true label of each candidate x
-        (any temperature scaling is the caller's business).
+        (any temperature scaling is the caller's business); its **logarithm** with
+        ``log_inputs=True`` (what the evaluator passes: ``log p_y`` from a float64
+        log-softmax, which neither rounds to 1 nor underflows to 0).
     ref_p : (K, N) -- the same under K reference models.
     in_mask : (K, N) bool or None -- ``in_mask[k, n]``: reference model k trained on x_n.
         Needed offline (to select OUT models); ``None`` offline means all models are OUT.
@@ -509,7 +532,7 @@ def rmia_scores(target_p, ref_p, in_mask, target_p_pop, ref_p_pop, gamma: float 
     target_p_pop : (Z,), ref_p_pop : (K, Z) -- the same for the population points z.  The
         caller chooses them: points from the data distribution that the *target* was not
         trained on (and, as assumed here, no reference model either: for z every
-        reference model is OUT).  Their number bounds the score's resolution (1/Z).
+        reference model is OUT).  Their number bounds the discrete score's resolution (1/Z).
     gamma : threshold on the pairwise likelihood ratio (ML Privacy Meter: 1; the research
         code uses 2, with temperature 2).
     a : offline interpolation coefficient (ML Privacy Meter default 0.3; ideally tuned on a
@@ -522,18 +545,31 @@ def rmia_scores(target_p, ref_p, in_mask, target_p_pop, ref_p_pop, gamma: float 
         * ``False``: ``p(x) = 1/2 ((1 + a) p_OUT(x) + (1 - a))``, ``p_OUT(x)`` the mean over
           the reference models OUT for x, and likewise for z (mean over all K), as ML
           Privacy Meter's ``run_rmia``.
+    continuous :
+        ``False``: the paper's score ``c / Z``, ``c = #{z : LR(x, z) >= gamma}``.
+        ``True``: ``(c + g) / Z`` with ``g`` in [0, 1) the position of ``t = log(r_x / gamma)``
+        between its neighbouring sorted population log-ratios ``L_(c) <= t < L_(c+1)``
+        (linear in the log-ratio), and in the tails ``g = exp(t - L_(1))`` below the smallest
+        and ``g = 1 - exp(L_(Z) - t)`` above the largest.  The score is then strictly
+        increasing in ``r_x`` for a fixed target and keeps the discrete score's order
+        (``floor(Z * score) = c``), so it only breaks the discrete score's ties: every
+        candidate beyond the largest population ratio scores 1 in the discrete version
+        (cfbench version 1: 50 tied examples, 14 of them non-members, on a TRADES run with
+        Z = 500), while here they stay ordered by how far they exceed it.  Scores may reach
+        up to ``1 + 1/Z``.
 
-    Returns (N,) float64 in [0, 1], higher = member; NaN for an x without any OUT reference
-    model in offline mode.
+    Returns (N,) float64, higher = member; NaN for an x without any OUT reference model in
+    offline mode.
 
     Vectorisation: ``LR(x, z) >= gamma  <=>  r_z <= r_x / gamma`` with
     ``r = p(.|theta) / p(.)`` (all positive), so the score is the empirical CDF of the
     population ratios at ``r_x / gamma``: one sort of the Z ratios plus a ``searchsorted``
-    for the N candidates, O((N + Z) log Z) time and no N x Z matrix.  A consequence worth
-    knowing: for a fixed target model the score is a monotone step function of ``r_x``, so
-    the population only affects the ranking through ties (candidates with ``r_x`` beyond
-    the largest/smallest population ratio all tie at 1/0), which coarsens TPR at very low
-    FPR when Z is small.
+    for the N candidates, O((N + Z) log Z) time and no N x Z matrix.  With probabilities the
+    ratios are compared as ratios; with ``log_inputs`` as log-ratios (``log p(x)`` a
+    log-mean-exp), all in float64.  A consequence worth knowing: for a fixed target model
+    the score is a monotone function of ``r_x``, so the population only affects the ranking
+    of one model's candidates through the discrete score's ties; across the models of a
+    pool it calibrates each model's ratios.
     """
     tp = np.asarray(target_p, dtype=np.float64)
     rp = np.asarray(ref_p, dtype=np.float64)
@@ -546,33 +582,76 @@ def rmia_scores(target_p, ref_p, in_mask, target_p_pop, ref_p_pop, gamma: float 
                          f"{rz.shape}")
     if rz.shape[0] != rp.shape[0]:
         raise ValueError(f"ref_p and ref_p_pop have {rp.shape[0]} and {rz.shape[0]} models")
+    if rp.shape[0] == 0:
+        raise ValueError("need at least one reference model")
     if tz.size == 0:
         raise ValueError("need at least one population point")
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     if not 0.0 <= a <= 1.0:
         raise ValueError(f"a must be in [0, 1], got {a}")
+    if strict and continuous:
+        raise ValueError("strict=True and continuous=True cannot be combined (the continuous score breaks "
+                         "the ties of the non-strict count)")
     if in_mask is not None:
         in_mask = np.asarray(in_mask)
         if in_mask.dtype != bool or in_mask.shape != rp.shape:
             raise ValueError(f"in_mask must be a boolean (K, N) = {rp.shape} array")
 
-    if online:
-        px = rp.mean(axis=0)
-        pz = rz.mean(axis=0)
-    else:
-        if in_mask is None:
-            p_out = rp.mean(axis=0)
+    if log_inputs:
+        if online:
+            lpx, lpz = _log_mean(rp), _log_mean(rz)
         else:
-            out = ~in_mask
-            with np.errstate(invalid="ignore", divide="ignore"):
-                p_out = np.sum(rp, axis=0, where=out) / out.sum(axis=0)
-        px = 0.5 * ((1.0 + a) * p_out + (1.0 - a))
-        pz = 0.5 * ((1.0 + a) * rz.mean(axis=0) + (1.0 - a))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rx = tp / px
-        rzs = np.sort(tz / pz)
-        counts = np.searchsorted(rzs, rx / gamma, side="left" if strict else "right")
-    score = counts / float(tz.size)
-    score[np.isnan(rx)] = np.nan
+            lpx = _log_offline_p(_log_mean(rp, None if in_mask is None else ~in_mask), a)
+            lpz = _log_offline_p(_log_mean(rz), a)
+        with np.errstate(invalid="ignore"):
+            lrx = tp - lpx
+        lrz = np.sort(tz - lpz)
+        t = lrx - math.log(gamma)
+    else:
+        if online:
+            px = rp.mean(axis=0)
+            pz = rz.mean(axis=0)
+        else:
+            if in_mask is None:
+                p_out = rp.mean(axis=0)
+            else:
+                out = ~in_mask
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    p_out = np.sum(rp, axis=0, where=out) / out.sum(axis=0)
+            px = 0.5 * ((1.0 + a) * p_out + (1.0 - a))
+            pz = 0.5 * ((1.0 + a) * rz.mean(axis=0) + (1.0 - a))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rx = tp / px
+            rzs = np.sort(tz / pz)
+            lrx, lrz = np.log(rx), np.log(rzs)
+            t_ratio = rx / gamma
+        t = lrx - math.log(gamma)
+    nan = np.isnan(t)
+    with np.errstate(invalid="ignore"):
+        if log_inputs:
+            counts = np.searchsorted(lrz, np.where(nan, 0.0, t), side="left" if strict else "right")
+        else:
+            counts = np.searchsorted(rzs, np.where(nan, 0.0, t_ratio), side="left" if strict else "right")
+    score = counts.astype(np.float64)
+    if continuous:
+        score += _within_bracket(t, lrz, counts)
+    score /= float(tz.size)
+    score[nan] = np.nan
     return score
+
+
+def _within_bracket(t: np.ndarray, lrz: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """RMIA's continuous tie-break ``g`` in [0, 1) (see :func:`rmia_scores`)."""
+    z = lrz.size
+    lo = lrz[np.clip(c - 1, 0, z - 1)]
+    hi = lrz[np.clip(c, 0, z - 1)]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        inner = (t - lo) / (hi - lo)
+        below = np.exp(t - lrz[0])
+        above = -np.expm1(lrz[-1] - t)
+        g = np.where(c <= 0, below, np.where(c >= z, above, inner))
+    # degenerate brackets (an infinite or equal neighbour, or a log-ratio rounding outside the
+    # bracket the ratios put it in): fall back to the discrete score there
+    g = np.where(np.isfinite(g) & (g >= 0) & (g < 1), g, 0.0)
+    return g

@@ -49,16 +49,16 @@ from ..models import unwrap
 from ..store.io import atomic_write_bytes, clean
 
 __all__ = [
-    "SIGNALS_VERSION",
     "AUGMENTATIONS",
-    "augmentations",
-    "augment_query",
-    "query_logits",
+    "SIGNALS_VERSION",
     "adversarial_logits",
-    "weights_sha256",
-    "signal_path",
+    "augment_query",
+    "augmentations",
     "load_signals",
+    "query_logits",
     "save_signals",
+    "signal_path",
+    "weights_sha256",
 ]
 
 #: bump when the way signals are computed changes

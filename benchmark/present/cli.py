@@ -20,7 +20,7 @@ from .writers import to_markdown, write
 
 # ---------------------------------------------------------------------------- leaderboard
 def cmd_leaderboard(args) -> int:
-    boards = build(args.runs, args.dataset, runs_label=args.runs)
+    boards = build(args.runs, args.dataset, runs_label=args.runs, include_flagged=args.include_flagged)
     unusable = boards[0].unusable if boards else []
     if unusable:  # the same files are listed in every table: warn once
         print(f"warning: {len(unusable)} record file{'s' if len(unusable) != 1 else ''} under {args.runs} could "
@@ -28,7 +28,7 @@ def cmd_leaderboard(args) -> int:
         for e in unusable:
             print(f"  {e['path']}: {e['reason']}", file=sys.stderr)
     for lb in boards:
-        lb.command = command_for(lb.dataset, args.runs, args.out)
+        lb.command = command_for(lb.dataset, args.runs, args.out, include_flagged=args.include_flagged)
         paths = write(lb, args.out)
         if not args.quiet:
             print(to_markdown(lb))
@@ -86,6 +86,17 @@ def cmd_report(args) -> int:
 
 
 # ------------------------------------------------------------------------------- parsers
+def cmd_compare(args) -> int:
+    from ..store.io import write_json
+    from .compare import compare, render
+
+    result = compare(args.runs_to_compare, runs=args.runs, attack=args.attack)
+    print(render(result))
+    if args.json:
+        write_json(Path(args.json), result)
+    return 0
+
+
 def add_subparsers(subparsers) -> None:
     """Add the ``leaderboard`` and ``report`` sub-commands to ``subparsers``."""
     p = subparsers.add_parser(
@@ -97,6 +108,9 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--runs", default="runs", help="directory of run folders (as written by `cfbench run --out`)")
     p.add_argument("--out", default="leaderboards", help="directory the tables are written to")
     p.add_argument("--quiet", action="store_true", help="do not print the tables, only the paths")
+    p.add_argument("--include-flagged", action="store_true",
+                   help="rank rows with robustness sanity flags on the Pareto front too (they stay marked); "
+                        "by default a flagged row is kept off the ranking")
     p.set_defaults(func=cmd_leaderboard)
 
     p = subparsers.add_parser(
@@ -114,3 +128,14 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--out", default=None,
                    help="output file (default: reports/<run-id>.html or reports/leaderboard-<name>.html)")
     p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser(
+        "compare", help="differences between runs with paired intervals",
+        description="Compare runs with the first one: clean and robust accuracy (paired bootstrap over the same "
+                    "test examples), membership leakage (AUC and TPR at the lowest supportable FPR of one attack, "
+                    "paired over the same pool), and over seeds when an argument lists several runs (a,b,c).")
+    p.add_argument("runs_to_compare", nargs="+", metavar="RUN", help="run folder or id; a,b,c = one recipe's seeds")
+    p.add_argument("--runs", default=None, help="directory where run ids are looked up")
+    p.add_argument("--attack", default=None, help="the membership attack to compare (default: the protocol's primary)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the comparison as JSON")
+    p.set_defaults(func=cmd_compare)

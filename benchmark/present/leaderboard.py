@@ -34,16 +34,31 @@ Rows
 Columns
     clean accuracy; robust accuracy (AutoAttack); the strongest membership attack's AUC and
     TPR at 0.1% FPR (``mia.best.*`` of each record: the attack can differ between seeds,
-    all are named); DP epsilon where the record has ``dp.epsilon``; training and evaluation
+    all are named; a selection-biased maximum); the protocol's **primary** attack's TPR at 1%
+    and 0.1% FPR pooled over the target and its reference models (``mia.primary.*``, mia
+    evaluator version 2; n/a when the pooled trials cannot support the rate); DP epsilon where
+    the record has ``dp.epsilon``, beside the membership audit's epsilon lower bound
+    (``mia.audit.epsilon_lb``); training and evaluation
     cost in seconds (``timings.train`` and the sum of ``timings.eval.<evaluator>``); seeds;
     Pareto rank.
 
 Pareto rank
     Non-dominated sorting (Deb et al. 2002) of the rows' means over (clean accuracy up,
     robust accuracy up, leakage down), where leakage is the strongest attack's TPR at 0.1%
-    FPR, or its AUC when TPR at 0.1% FPR is n/a for some row of the table (the table header
-    says which).  An axis that some row lacks entirely is left out of the ranking and the
+    FPR, or its AUC when TPR at 0.1% FPR is n/a for some row of the table -- and, in
+    front of both, the primary attack's pooled TPR at 0.1% FPR, then at 1% FPR, when every row
+    has it (the table header says which).  An axis that some row lacks entirely is left out of the ranking and the
     header lists the axes used.  Rank 1 is the front; equal points share a rank.
+
+Sanity flags
+    A record's ``flags`` (the named checks of ``cfbench.evaluators.sanity`` that failed:
+    PGD vs AutoAttack gap, eps sweep, gradient-free beating white-box, vanishing gradients,
+    randomised forward, AutoAttack's own checks; docs/robustness.md) mark its row -- a row is
+    flagged when any of its seeds is -- in every format (a "sanity flags" column; CSV
+    ``flags``; JSON ``flags``).  A flagged row's robust accuracy is not to be trusted, so it is
+    **kept off the Pareto ranking** (rank "flagged", listed after the ranked rows) unless the
+    table is built with ``include_flagged`` (``cfbench leaderboard --include-flagged``), which
+    ranks it with the others, still marked.
 
 File names
     ``<dataset>-<model>-<norm>-<eps>``; when several protocols of one build share that name,
@@ -76,7 +91,13 @@ CSV_NAMES = {
     "clean": "clean_accuracy", "robust": "robust_accuracy", "auc": "mia_best_auc",
     "tpr": f"mia_best_tpr_at_fpr_{LEAKAGE_FPR}", "epsilon": "dp_epsilon", "train_s": "train_seconds",
     "eval_s": "eval_seconds",
+    # the protocol's primary attack, pooled over the target and its reference models (mia v2);
+    # "eps_lb": the DP audit's epsilon lower bound from it
+    "ptpr1": "mia_primary_tpr_at_fpr_0.01", "ptpr01": f"mia_primary_tpr_at_fpr_{LEAKAGE_FPR}",
+    "eps_lb": "mia_audit_epsilon_lb",
 }
+#: columns with an interval / with attack names (besides clean, robust, auc, tpr)
+PRIMARY_COLS = ("ptpr1", "ptpr01")
 
 
 # ------------------------------------------------------------------------------ protocol
@@ -150,7 +171,7 @@ def mia_attacks(metrics: Mapping[str, Any]) -> list[str]:
     out = []
     for k in metrics:
         parts = k.split(".")
-        if len(parts) == 3 and parts[0] == "mia" and parts[2] == "auc" and parts[1] != "best":
+        if len(parts) == 3 and parts[0] == "mia" and parts[2] == "auc" and parts[1] not in ("best", "primary"):
             out.append(parts[1])
     return out
 
@@ -189,6 +210,13 @@ def eval_seconds(timings: Mapping[str, Any]) -> float:
     return float(sum(vals)) if vals else math.nan
 
 
+def record_flags(record: Mapping[str, Any]) -> list[str]:
+    """The sorted names of a record's sanity flags (``record["flags"]``, schema 3; the store
+    upgrades older records, turning their AutoAttack check warnings into flags)."""
+    return sorted({str(f["name"]) for f in (record.get("flags") or [])
+                   if isinstance(f, Mapping) and isinstance(f.get("name"), str)})
+
+
 def record_row(record: Mapping[str, Any], robust_source: str | None = "autoattack") -> dict[str, Any]:
     """One record flattened to the numbers a leaderboard aggregates (NaN = n/a)."""
     cfg = record.get("config") or {}
@@ -199,6 +227,8 @@ def record_row(record: Mapping[str, Any], robust_source: str | None = "autoattac
     robust = metrics.get(f"robust.{robust_source}.accuracy") if robust_source else None
     auc = strongest(metrics, "auc")
     tpr = strongest(metrics, f"tpr_at_fpr.{LEAKAGE_FPR}")
+    p1, p01 = metrics.get("mia.primary.tpr_at_fpr.0.01"), metrics.get(f"mia.primary.tpr_at_fpr.{LEAKAGE_FPR}")
+    p_attack = (p1 or p01).get("attack") if isinstance(p1 or p01, Mapping) else None
     timings = record.get("timings") or {}
     return {
         "run_id": record.get("run_id"),
@@ -217,8 +247,12 @@ def record_row(record: Mapping[str, Any], robust_source: str | None = "autoattac
         "auc": auc["value"], "auc_lo": auc["ci_low"], "auc_hi": auc["ci_high"], "auc_attack": auc["attack"],
         "tpr": tpr["value"], "tpr_lo": tpr["ci_low"], "tpr_hi": tpr["ci_high"], "tpr_attack": tpr["attack"],
         "epsilon": num(metrics.get("dp.epsilon")),
+        "ptpr1": num(p1), "ptpr1_lo": ci(p1)[0], "ptpr1_hi": ci(p1)[1], "ptpr1_attack": p_attack,
+        "ptpr01": num(p01), "ptpr01_lo": ci(p01)[0], "ptpr01_hi": ci(p01)[1], "ptpr01_attack": p_attack,
+        "eps_lb": num(metrics.get("mia.audit.epsilon_lb")),
         "train_s": num(timings.get("train")),
         "eval_s": eval_seconds(timings),
+        "flags": ", ".join(record_flags(record)),
     }
 
 
@@ -268,6 +302,8 @@ class Leaderboard:
     #: protocol; ``{run_id: None, path, status: "unusable", reason}`` for unusable record files
     excluded: list[dict[str, Any]] = field(default_factory=list)
     runs: str = "runs"
+    #: flagged rows ranked with the others (``--include-flagged``); default: kept off the front
+    include_flagged: bool = False
 
     @property
     def dataset(self) -> str:
@@ -280,7 +316,8 @@ class Leaderboard:
 
     @property
     def leakage_label(self) -> str:
-        return {"tpr": "strongest MIA TPR @ 0.1% FPR", "auc": "strongest MIA AUC"}.get(self.leakage or "", "n/a")
+        return {"ptpr01": "primary MIA TPR @ 0.1% FPR (pooled)", "ptpr1": "primary MIA TPR @ 1% FPR (pooled)",
+                "tpr": "strongest MIA TPR @ 0.1% FPR", "auc": "strongest MIA AUC"}.get(self.leakage or "", "n/a")
 
     @property
     def unusable(self) -> list[dict[str, Any]]:
@@ -302,16 +339,17 @@ class Leaderboard:
                 "seeds": int(r.get("seeds") or 0), "seed_list": " ".join(str(s) for s in r.get("seed_list") or []),
                 "n_records": int(r.get("n_records") or len(r.get("run_ids") or [])),
                 "run_ids": " ".join(r.get("run_ids") or []),
+                "flags": ", ".join(r.get("flags") or []),
             }
             for c, long in CSV_NAMES.items():
                 e = r.get(long) or {}
                 row[f"{c}_mean"] = num(e.get("mean"))
                 row[f"{c}_std"] = num(e.get("std"))
                 row[f"{c}_n"] = int(e.get("n") or 0)
-                if c in ("clean", "robust", "auc", "tpr"):
+                if c in ("clean", "robust", "auc", "tpr", *PRIMARY_COLS):
                     row[f"{c}_ci_low"] = num(e.get("ci_low"))
                     row[f"{c}_ci_high"] = num(e.get("ci_high"))
-                if c in ("auc", "tpr"):
+                if c in ("auc", "tpr", *PRIMARY_COLS):
                     row[f"{c}_attack"] = ", ".join(e.get("attacks") or [])
             rows.append(row)
         df = pd.DataFrame(rows)
@@ -319,19 +357,27 @@ class Leaderboard:
         df["leakage_mean"] = df[f"{leakage}_mean"] if leakage and len(df) else math.nan
         records = pd.DataFrame(obj.get("records") or [],
                                columns=["run_id", "seed", "defense", "clean", "robust", "auc", "auc_attack", "tpr",
-                                        "tpr_attack", "epsilon", "train_s", "eval_s", "path"])
+                                        "tpr_attack", "epsilon", "train_s", "eval_s", "path", "ptpr1", "ptpr01",
+                                        "eps_lb"])
         return cls(name=obj["name"], protocol=obj["protocol"], protocol_id=obj["protocol_id"],
                    command=obj["command"], rows=df, records=records, robust_source=obj.get("robust_source"),
                    leakage=leakage, pareto_axes=list(obj.get("pareto_axes") or []),
-                   excluded=list(obj.get("excluded") or []), runs=obj.get("runs") or "runs")
+                   excluded=list(obj.get("excluded") or []), runs=obj.get("runs") or "runs",
+                   include_flagged=bool(obj.get("include_flagged")))
 
     def pareto_text(self) -> str:
         if not self.pareto_axes:
             return "Pareto rank: n/a (no axis has a value for every row)."
         names = {"clean": "clean accuracy ↑", "robust": f"{self.robust_label.split(' (')[0]} ↑",
                  "leakage": f"leakage = {self.leakage_label} ↓"}
+        flagged = int((self.rows["flags"].astype(str) != "").sum()) if "flags" in self.rows else 0
         return ("Pareto rank over (" + ", ".join(names[a] for a in self.pareto_axes)
-                + "); rank 1 is the front (non-dominated sorting of the rows' means).")
+                + "); rank 1 is the front (non-dominated sorting of the rows' means)."
+                + ("" if not flagged else
+                   f" {flagged} row{'s carry' if flagged != 1 else ' carries'} sanity flags (⚑): "
+                   + ("ranked with the others (--include-flagged)." if self.include_flagged else
+                      "kept off the ranking (rank 'flagged'); rebuild with --include-flagged to rank "
+                      + ("them." if flagged != 1 else "it."))))
 
 
 def _labels(groups: list[dict[str, Any]]) -> list[str]:
@@ -361,7 +407,8 @@ def _labels(groups: list[dict[str, Any]]) -> list[str]:
 
 
 def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", command: str | None = None,
-              name: str | None = None, excluded: Sequence[Mapping[str, Any]] = ()) -> Leaderboard:
+              name: str | None = None, excluded: Sequence[Mapping[str, Any]] = (),
+              include_flagged: bool = False) -> Leaderboard:
     """One leaderboard from records that share one protocol (a :class:`UsageError` if not)."""
     import numpy as np
     import pandas as pd
@@ -381,7 +428,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
     df = df.sort_values(["created", "run_id"]).drop_duplicates("config_hash", keep="last")
     df = df.sort_values(["defense", "params", "train", "seed"], kind="stable").reset_index(drop=True)
 
-    value_cols = ["clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s"]
+    value_cols = ["clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s", *PRIMARY_COLS, "eps_lb"]
     rows = []
     for key, g in df.groupby(["defense", "defense_version", "params", "train"], sort=True, dropna=False):
         row: dict[str, Any] = dict(zip(["defense", "defense_version", "params", "train"], key))
@@ -391,37 +438,49 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
         row["seed_list"] = " ".join(str(s) for s in sorted(g["seed"].unique()))
         row["n_records"] = len(g)
         row["run_ids"] = " ".join(g["run_id"].astype(str))
+        row["flags"] = ", ".join(sorted({f for fl in g["flags"] for f in str(fl).split(", ") if f}))
         for c in value_cols:
             vals = g[c].astype(float)
             finite = vals[~vals.isna()]
             row[f"{c}_mean"] = float(finite.mean()) if len(finite) else math.nan
             row[f"{c}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
             row[f"{c}_n"] = int(len(finite))
-        for c in ("clean", "robust", "auc", "tpr"):
+        for c in ("clean", "robust", "auc", "tpr", *PRIMARY_COLS):
             row[f"{c}_ci_low"] = float(g[f"{c}_lo"].min()) if g[f"{c}_lo"].notna().any() else math.nan
             row[f"{c}_ci_high"] = float(g[f"{c}_hi"].max()) if g[f"{c}_hi"].notna().any() else math.nan
-        for c in ("auc", "tpr"):
+        for c in ("auc", "tpr", *PRIMARY_COLS):
             attacks = [a for a in g[f"{c}_attack"] if isinstance(a, str)]
             row[f"{c}_attack"] = ", ".join(sorted(set(attacks), key=attacks.index))
         rows.append(row)
     out = pd.DataFrame(rows)
     out["label"] = _labels(rows)
 
-    # leakage: TPR at 0.1% FPR if every row has it, else AUC if every row has it
+    # leakage: the primary attack's pooled TPR at 0.1% (then 1%) FPR if every row has it, else the
+    # strongest attack's TPR at 0.1% FPR, else its AUC (the first that every row has)
     leakage = None
-    if out["tpr_mean"].notna().all():
+    if out["ptpr01_mean"].notna().all():
+        leakage = "ptpr01"
+    elif out["ptpr1_mean"].notna().all():
+        leakage = "ptpr1"
+    elif out["tpr_mean"].notna().all():
         leakage = "tpr"
     elif out["auc_mean"].notna().all():
         leakage = "auc"
     elif out["tpr_mean"].notna().any() or out["auc_mean"].notna().any():
         leakage = "tpr" if out["tpr_mean"].notna().any() else "auc"
     out["leakage_mean"] = out[f"{leakage}_mean"] if leakage else math.nan
+    # flagged rows (sanity flags) are kept off the ranking unless asked for
+    ranked = (out["flags"] == "") | include_flagged
     axes = [(a, col, up) for a, col, up in (("clean", "clean_mean", True), ("robust", "robust_mean", True),
                                             ("leakage", "leakage_mean", False))
-            if np.isfinite(out[col].astype(float)).all()]
-    if axes:
+            if ranked.any() and np.isfinite(out.loc[ranked, col].astype(float)).all()]
+    if axes and ranked.all():
         out["pareto_rank"] = pareto_ranks(out[[c for _, c, _ in axes]].astype(float).values.tolist(),
                                           [up for _, _, up in axes])
+    elif axes:
+        out["pareto_rank"] = math.nan
+        out.loc[ranked, "pareto_rank"] = pareto_ranks(
+            out.loc[ranked, [c for _, c, _ in axes]].astype(float).values.tolist(), [up for _, _, up in axes])
     else:
         out["pareto_rank"] = pd.NA
     sort_cols = ["pareto_rank", "robust_mean", "clean_mean", "label"] if axes else ["robust_mean", "label"]
@@ -429,10 +488,11 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
     out = out.sort_values(sort_cols, ascending=asc, na_position="last", kind="stable").reset_index(drop=True)
 
     ds = (protocol.get("dataset") or {}).get("name", "")
-    cmd = command or command_for(str(ds), str(runs))
+    cmd = command or command_for(str(ds), str(runs), include_flagged=include_flagged)
     return Leaderboard(name=name or base_name(protocol), protocol=protocol, protocol_id=protocol_id(protocol),
                        command=cmd, rows=out, records=df, robust_source=robust_source, leakage=leakage,
-                       pareto_axes=[a for a, _, _ in axes], excluded=list(excluded), runs=str(runs))
+                       pareto_axes=[a for a, _, _ in axes], excluded=list(excluded), runs=str(runs),
+                       include_flagged=include_flagged)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -520,8 +580,8 @@ def group_by_protocol(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Ma
     return groups
 
 
-def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: str | None = None
-          ) -> list[Leaderboard]:
+def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: str | None = None,
+          include_flagged: bool = False) -> list[Leaderboard]:
     """Every leaderboard of the records under ``runs`` (one per protocol), named uniquely.
 
     Unusable record files are listed in the excluded entries of every table built."""
@@ -544,13 +604,16 @@ def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: 
             name = base if len(pids) == 1 else f"{base}-{pid[:8]}"
             exc = [{"run_id": r.get("run_id"), "status": r.get("status"), "reason": r.get("reason")}
                    for r in bad.get(pid, [])] + [dict(e) for e in unusable]
-            boards.append(aggregate(groups[pid], runs=runs_label or str(runs), name=name, excluded=exc))
+            boards.append(aggregate(groups[pid], runs=runs_label or str(runs), name=name, excluded=exc,
+                                    include_flagged=include_flagged))
     return boards
 
 
-def command_for(dataset: str, runs: str, out: str = "leaderboards") -> str:
+def command_for(dataset: str, runs: str, out: str = "leaderboards", include_flagged: bool = False) -> str:
     """The exact command that rebuilds the tables of one dataset."""
     parts = ["cfbench", "leaderboard", "--dataset", dataset, "--runs", runs]
     if out != "leaderboards":
         parts += ["--out", out]
+    if include_flagged:
+        parts += ["--include-flagged"]
     return " ".join(shlex.quote(str(p)) for p in parts)

@@ -116,8 +116,10 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
     optional error half-widths or intervals under ``x + "_err"`` / ``y + "_err"`` (a pair
     ``(low, high)`` of absolute bounds), ``epsilon`` (DP epsilon, annotated as "ε=..."),
     ``rank`` (3-D Pareto rank: rank 1 is drawn as a filled marker with a black edge) and
-    ``highlight`` (drawn larger, with a ring: the run a report is about).  Points without
-    both values are left out and listed under the plot by the caller.
+    ``highlight`` (drawn larger, with a ring: the run a report is about), ``flagged`` (robustness
+    sanity flags: drawn as a cross, labelled "⚑") and ``off_front`` (left out of the plane's
+    Pareto front: flagged rows unless the table includes them).  Points without both values
+    are left out and listed under the plot by the caller.
     """
     fig = Figure(figsize=(6.2, 4.6))
     ax = fig.add_subplot()
@@ -143,20 +145,21 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
         front = p.get("rank") == 1
         ax.scatter([px], [py], s=110 if p.get("highlight") else 55, color=color, zorder=3,
                    edgecolors="black" if front else color, linewidths=1.3 if front else 0.5,
-                   marker="o" if front else "s",
+                   marker="X" if p.get("flagged") else ("o" if front else "s"),
                    label=FAMILY_LABELS.get(fam, fam) if fam not in seen_families else None)
         seen_families.add(fam)
         if p.get("highlight"):
             ax.scatter([px], [py], s=320, facecolors="none", edgecolors="crimson", linewidths=1.6, zorder=4)
-        text = plain(p.get("label", ""))
+        text = ("⚑ " if p.get("flagged") else "") + plain(p.get("label", ""))
         eps = p.get("epsilon")
         if eps is not None:
             text += f"  ε={'∞' if eps == math.inf else format(eps, '.3g')}"
         ax.annotate(text, (px, py), textcoords="offset points", xytext=(6, 5), fontsize=7.5)
-    idx = pareto_front_2d([p[x] for p in shown], [p[y] for p in shown], maximize_x, maximize_y)
+    ranked = [p for p in shown if not p.get("off_front")]
+    idx = pareto_front_2d([p[x] for p in ranked], [p[y] for p in ranked], maximize_x, maximize_y)
     if len(idx) >= 1:
-        fx = [shown[i][x] * sx for i in idx]
-        fy = [shown[i][y] * sy for i in idx]
+        fx = [ranked[i][x] * sx for i in idx]
+        fy = [ranked[i][y] * sy for i in idx]
         # staircase through the front: the region it bounds is what the front dominates
         ax.step(fx, fy, where="post" if maximize_x != maximize_y else "pre", ls="--", color="black",
                 lw=0.9, alpha=0.7, zorder=2, label="Pareto front (this plane)")

@@ -80,13 +80,26 @@ def _cards(rec: Mapping[str, Any]) -> list[dict[str, str]]:
         reason = raw.get("reason") if isinstance(raw, Mapping) and math.isnan(tpr["value"]) else None
         card("strongest TPR @ 0.1% FPR", {"value": None if math.isnan(tpr["value"]) else tpr["value"],
                                           "ci_low": tpr["ci_low"], "ci_high": tpr["ci_high"]},
-             digits=2, sub=str(tpr["attack"] or reason or ""))
+             digits=2, sub=" ".join(x for x in (str(tpr["attack"] or reason or ""), "(selection-biased)") if x))
+        # the protocol's primary attack, pooled over the target and its reference models (mia v2)
+        for f, label in (("0.01", "1%"), (LEAKAGE_FPR, "0.1%")):
+            e = m.get(f"mia.primary.tpr_at_fpr.{f}")
+            if isinstance(e, Mapping):
+                card(f"primary TPR @ {label} FPR (pooled)", e, digits=2,
+                     sub=str(e.get("attack") or "") + ("" if e.get("value") is not None else
+                                                       f" n/a: {e.get('reason') or 'not supported'}"))
     else:
         cards.append({"label": "membership inference", "value": "n/a", "sub": "not evaluated in this run"})
+    lb = m.get("mia.audit.epsilon_lb")
+    lb_text = (f"{num(lb):.3g}" if isinstance(lb, Mapping) and isfinite(num(lb)) else None)
     if "dp.epsilon" in m:
         delta = m.get("dp.delta")
         cards.append({"label": "DP ε", "value": fmt_epsilon(num(m["dp.epsilon"])),
-                      "sub": f"δ = {fmt_plain(delta)}" if delta is not None else ""})
+                      "sub": " ".join(x for x in (f"δ = {fmt_plain(delta)}" if delta is not None else "",
+                                                  f"audit ε ≥ {lb_text}" if lb_text else "") if x)})
+    elif lb_text:
+        cards.append({"label": "audit ε lower bound", "value": lb_text,
+                      "sub": f"δ = {fmt_plain(lb.get('delta'))} ({lb.get('attack')}, pooled)"})
     t = rec.get("timings") or {}
     cards.append({"label": "training time", "value": fmt_seconds(num(t.get("train"))),
                   "sub": f"evaluation {fmt_seconds(eval_seconds(t))}"})
@@ -187,6 +200,36 @@ def _autoattack(rec: Mapping[str, Any]) -> dict[str, Any] | None:
                                                  "seed", "resumed") if k in notes],
         "resumed": bool(notes.get("resumed")),
     }
+
+
+def _sanity(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's sanity flags, the checks each robustness evaluator ran, PGD vs AutoAttack on
+    the same examples and the torchattacks zoo's per-attack accuracies."""
+    m = rec.get("metrics") or {}
+    notes = rec.get("notes") or {}
+    flags = [{"name": f.get("name"), "evaluators": ", ".join(f.get("evaluators") or []),
+              "message": f.get("message") or ""} for f in (rec.get("flags") or []) if isinstance(f, Mapping)]
+    ran = []
+    for ev in ("robust.pgd", "robust.autoattack", "robust.attacks"):
+        s = (notes.get(ev) or {}).get("sanity") if isinstance(notes.get(ev), Mapping) else None
+        if not isinstance(s, Mapping):
+            continue
+        model = s.get("model") if "model" in s else (s if ev == "robust.pgd" else None)
+        names = []
+        if isinstance(model, Mapping):
+            names += ["randomized_forward"] * ("randomness" in model) + ["vanishing_gradients"] * (
+                "gradients" in model) + ["eps_sweep"] * ("eps_sweep" in model)
+        names += [k for k in ("pgd_autoattack_gap", "gradient_free_beats_whitebox") if k in s]
+        if names:
+            ran.append((ev, ", ".join(names)))
+    zoo = [(k[len("robust.attacks."):-len(".accuracy")], fmt_rate(v, percent=True)[0])
+           for k, v in m.items() if k.startswith("robust.attacks.") and k.endswith(".accuracy")]
+    same = [(label, fmt_rate(m.get(key), percent=True)[0]) for key, label in (
+        ("robust.pgd.accuracy", f"PGD, all {m.get('robust.pgd.n', '')} examples"),
+        ("robust.autoattack.sanity.pgd_accuracy", "PGD on AutoAttack's examples"),
+        ("robust.autoattack.accuracy", "AutoAttack"),
+        ("robust.autoattack.sanity.pgd_gap", "gap PGD - AutoAttack (paired)")) if key in m]
+    return {"flags": flags, "ran": ran, "zoo": zoo, "same": same}
 
 
 def _predict(run_dir: Path, arrays: Sequence[Any]) -> list[list[int]] | None:
@@ -296,6 +339,9 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
             "epsilon": eps if (isinstance(eps, float) and (math.isinf(eps) or eps == eps)) else None,
             "rank": None if r["pareto_rank"] != r["pareto_rank"] else int(r["pareto_rank"]),
             "highlight": bool(highlight_run and highlight_run in str(r["run_ids"]).split()),
+            # a row with sanity flags is drawn marked and kept off the plane's front (unless --include-flagged)
+            "flagged": bool(str(r.get("flags") or "")), "off_front": bool(str(r.get("flags") or ""))
+            and not getattr(lb, "include_flagged", False),
         })
     robust = lb.robust_label.replace(" (no AutoAttack)", "")
     out = {"figures": [], "missing": []}
@@ -306,10 +352,11 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
     if not plotted("clean", "robust"):
         out["missing"].append("No robust accuracy in this protocol: the robustness plots are omitted.")
         if lb.leakage and plotted("clean", "leakage"):
-            leak_label = {"tpr": "strongest MIA TPR @ 0.1% FPR (%)", "auc": "strongest MIA AUC"}[lb.leakage]
+            leak_label = {"ptpr01": "primary MIA TPR @ 0.1% FPR, pooled (%)", "ptpr1": "primary MIA TPR @ 1% FPR, pooled (%)",
+                          "tpr": "strongest MIA TPR @ 0.1% FPR (%)", "auc": "strongest MIA AUC"}[lb.leakage]
             out["figures"].append({
                 "img": plots.tradeoff_figure(pts, x="clean", y="leakage", xlabel="clean accuracy (%)",
-                                             ylabel=leak_label, maximize_y=False, percent_y=lb.leakage == "tpr",
+                                             ylabel=leak_label, maximize_y=False, percent_y=lb.leakage != "auc",
                                              title="membership leakage vs accuracy"),
                 "caption": f"{leak_label} against clean accuracy; lower leakage and higher accuracy are better."})
         out["errors_caption"] = ("Error bars: ± one standard deviation over seeds where a row has several seeds, "
@@ -319,12 +366,14 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
         "img": plots.tradeoff_figure(pts, x="clean", y="robust", xlabel="clean accuracy (%)",
                                      ylabel=f"{robust} (%)", title="robustness vs accuracy"),
         "caption": f"{robust} against clean accuracy; both higher is better. Dashed: the Pareto front of this "
-                   "plane. Circles with a black edge: rank 1 of the three-way Pareto ranking."})
+                   "plane. Circles with a black edge: rank 1 of the three-way Pareto ranking. Crosses (⚑): rows with "
+                   "robustness sanity flags, left out of the fronts unless the table includes them."})
     if lb.leakage and plotted("robust", "leakage"):
-        leak_label = {"tpr": "strongest MIA TPR @ 0.1% FPR (%)", "auc": "strongest MIA AUC"}[lb.leakage]
+        leak_label = {"ptpr01": "primary MIA TPR @ 0.1% FPR, pooled (%)", "ptpr1": "primary MIA TPR @ 1% FPR, pooled (%)",
+                          "tpr": "strongest MIA TPR @ 0.1% FPR (%)", "auc": "strongest MIA AUC"}[lb.leakage]
         out["figures"].append({
             "img": plots.tradeoff_figure(pts, x="robust", y="leakage", xlabel=f"{robust} (%)", ylabel=leak_label,
-                                         maximize_y=False, percent_y=lb.leakage == "tpr",
+                                         maximize_y=False, percent_y=lb.leakage != "auc",
                                          title="membership leakage vs robustness"),
             "caption": f"{leak_label} against {robust}; lower leakage and higher robustness are better. "
                        "DP runs are marked with their ε."})
@@ -379,6 +428,7 @@ def run_report(run_dir: str | Path, *, runs: str | Path | None = None, command: 
         "history_len": len(rec.get("history") or []),
         "examples": _examples(rec, run_dir, with_predictions=with_predictions),
         "warnings": warnings,
+        "sanity": _sanity(rec),
         "timings": [(k, f"{v:.2f} s" if isfinite(v) else fmt_plain(v)) for k, v in (rec.get("timings") or {}).items()],
         "metrics": [(k, fmt_plain(v)) for k, v in sorted((rec.get("metrics") or {}).items())],
         "defense_notes": [(k, fmt_plain(v)) for k, v in ((rec.get("notes") or {}).get("defense") or {}).items()],

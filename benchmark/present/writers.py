@@ -23,12 +23,14 @@ from .leaderboard import CSV_NAMES, LEAKAGE_FPR, Leaderboard, describe_protocol
 FORMATS = ("md", "csv", "json", "html")
 CSV_COLUMNS = [
     "pareto_rank", "label", "defense", "defense_version", "family", "params", "train", "seeds", "seed_list",
-    "n_records",
+    "n_records", "flags",
     "clean_mean", "clean_std", "clean_ci_low", "clean_ci_high",
     "robust_mean", "robust_std", "robust_ci_low", "robust_ci_high",
     "auc_mean", "auc_std", "auc_ci_low", "auc_ci_high", "auc_attack",
     "tpr_mean", "tpr_std", "tpr_ci_low", "tpr_ci_high", "tpr_attack",
-    "epsilon_mean", "epsilon_std", "train_s_mean", "train_s_std", "eval_s_mean", "eval_s_std", "run_ids",
+    "ptpr1_mean", "ptpr1_std", "ptpr1_ci_low", "ptpr1_ci_high", "ptpr1_attack",
+    "ptpr01_mean", "ptpr01_std", "ptpr01_ci_low", "ptpr01_ci_high", "ptpr01_attack",
+    "epsilon_mean", "epsilon_std", "eps_lb_mean", "eps_lb_std", "train_s_mean", "train_s_std", "eval_s_mean", "eval_s_std", "run_ids",
 ]
 
 
@@ -39,7 +41,9 @@ def display_rows(lb: Leaderboard) -> tuple[list[str], list[list[str]]]:
 
     tpr_digits = 2
     header = ["rank", "defense", "family", "clean acc. %", f"{lb.robust_label.replace('acc.', 'acc. %')}",
-              "MIA AUC (strongest)", "MIA TPR @ 0.1% FPR % (strongest)", "DP ε", "train", "eval", "seeds"]
+              "MIA AUC (strongest)", "MIA TPR @ 0.1% FPR % (strongest)",
+              "primary MIA TPR @ 1% FPR % (pooled)", "primary MIA TPR @ 0.1% FPR % (pooled)", "DP ε",
+              "audit ε lower bound", "train", "eval", "seeds", "sanity flags"]
     body = []
     for _, r in lb.rows.iterrows():
         rank = r["pareto_rank"]
@@ -50,15 +54,20 @@ def display_rows(lb: Leaderboard) -> tuple[list[str], list[list[str]]]:
                          digits=tpr_digits)
         if r["tpr_attack"]:
             tpr += f" ({r['tpr_attack']})"
+        primary = [fmt_metric(r[f"{c}_mean"], r[f"{c}_std"], r[f"{c}_ci_low"], r[f"{c}_ci_high"], percent=True,
+                              digits=tpr_digits) for c in ("ptpr1", "ptpr01")]
+        flags = str(r.get("flags") or "")
         body.append([
-            "n/a" if pd.isna(rank) else str(int(rank)),
-            r["label"], r["family"],
+            ("flagged" if flags else "n/a") if pd.isna(rank) else str(int(rank)),
+            ("⚑ " if flags else "") + str(r["label"]), r["family"],
             fmt_metric(r["clean_mean"], r["clean_std"], r["clean_ci_low"], r["clean_ci_high"], percent=True),
             fmt_metric(r["robust_mean"], r["robust_std"], r["robust_ci_low"], r["robust_ci_high"], percent=True),
-            auc, tpr,
+            auc, tpr, *primary,
             fmt_epsilon(r["epsilon_mean"], r["epsilon_std"]),
+            "n/a" if pd.isna(r["eps_lb_mean"]) else fmt_epsilon(r["eps_lb_mean"], r["eps_lb_std"]),
             fmt_seconds(r["train_s_mean"]), fmt_seconds(r["eval_s_mean"]),
             str(r["seeds"]),
+            ("⚑ " + flags) if flags else "none",
         ])
     return header, body
 
@@ -73,7 +82,10 @@ def notes(lb: Leaderboard) -> list[str]:
         "brackets are 95% intervals (Clopper-Pearson for rates, the record's own interval for AUC): a single "
         "run's interval, or with several seeds the smallest lower and largest upper bound over the seeds.",
         "MIA: the strongest of the evaluated membership attacks per run (named in parentheses; the maximum over "
-        "attacks is an optimistic estimate). n/a: not evaluated, or the sample cannot support the rate.",
+        "attacks is selection-biased, an optimistic estimate), and the protocol's primary attack (fixed in "
+        "advance) pooled over the target and its reference models. n/a: not evaluated, or the sample cannot "
+        "support the rate (a TPR at FPR f needs at least 10 / f non-member trials). Audit ε: the epsilon lower "
+        "bound the primary attack proves (Clopper-Pearson, the run's δ), beside the accountant's DP ε.",
         "Cost: training and evaluation wall-clock seconds per run (mean over seeds).",
         f"Built from {n_rec} finished run{'s' if n_rec != 1 else ''}."
         + (f" Excluded (failed or unfinished, never tabulated): {failed}." if failed else "")
@@ -144,6 +156,12 @@ def _json_num(v: Any) -> Any:
     return clean(v)
 
 
+def _json_rank(v: Any) -> int | None:
+    """A Pareto rank as a JSON integer (None: unranked -- no axis, or a flagged row)."""
+    v = _json_num(v)
+    return None if v is None else int(v)
+
+
 def _rel(path: Any, runs: str) -> str | None:
     if not isinstance(path, str):
         return None
@@ -159,7 +177,8 @@ def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
     rows = []
     for _, r in lb.rows.iterrows():
         row = {
-            "pareto_rank": _json_num(r["pareto_rank"]), "label": r["label"], "defense": r["defense"],
+            "pareto_rank": _json_rank(r["pareto_rank"]), "label": r["label"], "defense": r["defense"],
+            "flags": [f for f in str(r.get("flags") or "").split(", ") if f],
             "defense_version": _json_num(r["defense_version"]), "family": r["family"],
             "description": r["description"],
             "params": json.loads(r["params"]), "train": json.loads(r["train"]),
@@ -167,7 +186,7 @@ def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
             "seed_list": [int(s) for s in str(r["seed_list"]).split()],
             "run_ids": str(r["run_ids"]).split(),
         }
-        for c in ("clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s"):
+        for c in ("clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s", "ptpr1", "ptpr01", "eps_lb"):
             entry = {"mean": _json_num(r[f"{c}_mean"]), "std": _json_num(r[f"{c}_std"]), "n": int(r[f"{c}_n"])}
             if f"{c}_ci_low" in r:
                 entry["ci_low"] = _json_num(r[f"{c}_ci_low"])
@@ -180,10 +199,13 @@ def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
     for _, r in lb.records.iterrows():
         per_run.append({k: _json_num(r[k]) for k in ("run_id", "seed", "defense", "clean", "robust", "auc",
                                                       "auc_attack", "tpr", "tpr_attack", "epsilon",
-                                                      "train_s", "eval_s")}
+                                                      "train_s", "eval_s", "ptpr1", "ptpr01", "eps_lb")
+                                                      if k in r}
+                       | {"flags": [f for f in str(r.get("flags") or "").split(", ") if f]}
                        | {"path": _rel(r["path"], lb.runs)})
     return {
         "name": lb.name, "command": lb.command, "protocol_id": lb.protocol_id, "protocol": lb.protocol,
+        "include_flagged": lb.include_flagged,
         "protocol_description": [{"label": k, "value": v} for k, v in describe_protocol(lb.protocol)],
         "robust_source": lb.robust_source, "leakage": lb.leakage, "leakage_label": lb.leakage_label,
         "leakage_fpr": float(LEAKAGE_FPR), "pareto_axes": lb.pareto_axes, "pareto": lb.pareto_text(),

@@ -32,18 +32,21 @@ class StoreIssues:
 
 def iter_records(root: str | Path, *, status: str | None = "ok",
                  issues: StoreIssues | None = None) -> Iterator[dict[str, Any]]:
-    """Every record under ``root`` (recursively, the shared cache excluded), upgraded to the
-    current schema, optionally only those with a given ``status``.  A file that is not valid
-    JSON or not a usable record is skipped and added to ``issues`` with its reason."""
+    """Every record under ``root`` (recursively; the shared cache and hidden folders --
+    ``.staging`` attempts of ``--force``, ``.trash`` -- excluded), upgraded to the current
+    schema, optionally only those with a given ``status``.  A file that is not valid JSON or
+    not a usable record (truncated, ``[]``, ``null``, a field of the wrong type, a directory
+    named record.json) is skipped and added to ``issues`` with its reason; nothing raises."""
     root = Path(root)
     if not root.exists():
         return
     for path in sorted(root.rglob(RECORD)):
-        if CACHE_DIR in path.relative_to(root).parts:
+        parts = path.relative_to(root).parts[:-1]
+        if CACHE_DIR in parts or any(p.startswith(".") for p in parts):
             continue
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             if issues is not None:
                 issues.add(path, f"unreadable ({type(e).__name__}: {e})")
             continue

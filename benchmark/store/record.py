@@ -10,7 +10,12 @@ Versions
     1. the first schema (sessions 1-2);
     2. ``jobs`` (the training jobs the run declared -- membership reference models, a
        defense's oracle -- with their cache paths) and ``examples`` (prefixes of the example
-       images in ``examples.safetensors``, from every generator, one channel) added.
+       images in ``examples.safetensors``, from every generator, one channel) added;
+    3. ``flags`` added: the named sanity flags of the robustness evaluation
+       (:mod:`cfbench.evaluators.sanity`), one ``{name, evaluators, message, evidence}`` per
+       name.  An older record gets one flag per warning of AutoAttack's own checks that it
+       kept in ``notes["robust.autoattack"]["flags"]`` (named by :func:`autoattack_flag_name`;
+       its Square warning is not a flag, as in schema 3).
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RECORD = "record.json"
 MODEL = "model.safetensors"
 EXAMPLES = "examples.safetensors"
 SPLITS = "splits.npz"
+PER_EXAMPLE = "per_example.npz"
 
 KEY_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "pyautoattack", "opacus", "safetensors", "pandas")
 STATUSES = ("running", "ok", "failed")
@@ -51,13 +57,14 @@ class RunRecord(TypedDict, total=False):
     history: list[dict[str, Any]]
     jobs: list[dict[str, Any]]
     examples: list[str]
+    flags: list[dict[str, Any]]  # named sanity flags (schema 3)
 
 
 #: top-level fields and the JSON types they must have (``None`` allowed where listed)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "run_id": (str,), "status": (str,), "config": (dict,), "config_hash": (str,), "metrics": (dict,),
     "timings": (dict,), "warnings": (list,), "notes": (dict,), "history": (list,), "jobs": (list,),
-    "examples": (list,), "components": (dict,), "versions": (dict,),
+    "examples": (list,), "components": (dict,), "versions": (dict,), "flags": (list,),
 }
 
 
@@ -68,7 +75,37 @@ def upgrade(rec: dict[str, Any]) -> dict[str, Any]:
         rec.setdefault("jobs", [])
         rec.setdefault("examples", [])
         rec["schema_version"] = 2
+    if isinstance(rec.get("schema_version"), int) and rec["schema_version"] < 3:
+        flags: list[dict[str, Any]] = []
+        notes = rec.get("notes")
+        aa = notes.get("robust.autoattack") if isinstance(notes, Mapping) else None
+        for msg in (aa.get("flags") or []) if isinstance(aa, Mapping) else []:
+            name = autoattack_flag_name(str(msg))
+            if name is None:
+                continue
+            if any(f["name"] == name for f in flags):
+                continue
+            flags.append({"name": name, "evaluators": ["autoattack"], "message": f"AutoAttack: {msg}",
+                          "evidence": {"source": "pyautoattack.checks", "upgraded_from_schema": 2}})
+        rec.setdefault("flags", flags)
+        rec["schema_version"] = 3
     return rec
+
+
+def autoattack_flag_name(message: str) -> str | None:
+    """The flag name of a warning of pyautoattack's checks (None for its Square check, which
+    ``cfbench.evaluators.sanity`` replaces with an interval-based rule); the one mapping, used
+    by the AutoAttack evaluator and by :func:`upgrade`."""
+    m = message.lower()
+    if "square attack has decreased" in m:
+        return None
+    for needle, name in (("randomized defense", "randomized_forward"), ("zero gradient", "vanishing_gradients"),
+                         ("probability distribution", "autoattack.probability_output"),
+                         ("dynamic defense", "autoattack.dynamic"), ("target classes", "autoattack.n_classes"),
+                         ("not possible to use the", "autoattack.n_classes")):
+        if needle in m:
+            return name
+    return "autoattack.other"
 
 
 def problems(rec: Any) -> list[str]:
@@ -109,11 +146,12 @@ def read_record(run_dir: str | Path) -> dict[str, Any]:
 def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
+                             check=False)
         if out.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, timeout=5, check=False).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

@@ -25,6 +25,11 @@ fit
     trains the model it was given *in place* (the weights change), leaves every parameter,
     buffer and output finite, does not modify the training tensors, leaves autograd enabled,
     and puts only JSON-serialisable values into ``ctx.metrics`` / ``ctx.notes``.
+reload
+    the trained model saved by :func:`cfbench.store.models.save_model` and loaded back gives
+    bit-identical logits (on uniform probe images and on training images): everything the
+    model computes is in its state dict and its registered architecture -- a forward hook or
+    an input transform added in ``fit`` is refused, as a run refuses to save such a model.
 determinism
     a second fit with the same seed gives bit-identical weights.
 resume
@@ -461,6 +466,9 @@ def _check_defense(defense_cls, params, *, n_train, epochs, batch_size, model, m
                 raise _fail(cls, "fit", f"ctx.{what} is not JSON-serialisable: {e}") from e
         report.passed.append("fit")
 
+        _check_reload(s, model_a, ctx_a)
+        report.passed.append("reload")
+
         model_b, _, _ = _fit(s, epochs=epochs, ckpt=s.root / "b")
         where, diff = _max_diff(after, _state(model_b))
         if diff != 0:
@@ -474,6 +482,17 @@ def _check_defense(defense_cls, params, *, n_train, epochs, batch_size, model, m
             report.skipped["resume"] = "check_resume=False"
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_reload(s: _Setup, model, ctx) -> None:
+    """What a run does when it saves the model: save, reload, compare logits bit for bit."""
+    from ..store.models import ModelReloadError, save_model
+    from ..training.recipe import model_meta
+
+    try:
+        save_model(model, s.root / "reload" / "model.safetensors", model_meta(s.cfg, s.data, ctx), probe=s.x[:32])
+    except ModelReloadError as e:
+        raise _fail(s.cls, "reload", str(e)) from e
 
 
 def _check_resume(s: _Setup, report: ContractReport) -> None:

@@ -1,5 +1,11 @@
 """Per-epoch training checkpoints (safetensors, no pickle): model, optimizer, torch RNG
-state, defense state and history, written through the store's one atomic writer."""
+state, defense state and history, written through the store's one atomic writer.
+
+A kill never leaves a partial checkpoint (the writer renames a complete file into place; a
+killed write leaves only a temporary, removed by the next write of the same file).  A file
+damaged some other way (disk trouble, a hand edit) is refused with :class:`CorruptCheckpoint`
+naming it and the remedy -- it is never half-loaded into a training that then goes on.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,15 @@ from typing import Any
 
 import torch
 
+from ..errors import CfbenchError
 from ..models import unwrap
 from ..store.io import load_tensors, save_tensors_atomic
 
 CKPT_NAME = "last.safetensors"
+
+
+class CorruptCheckpoint(CfbenchError):
+    """A checkpoint file that cannot be read back."""
 
 
 def save_checkpoint(path: Path, model, optimizer, epoch: int, history: list, state=None,
@@ -38,8 +49,28 @@ def save_checkpoint(path: Path, model, optimizer, epoch: int, history: list, sta
     save_tensors_atomic(path, tensors, meta)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable checkpoint (None if it is); reads only the header."""
+    from ..store.io import read_tensor_meta
+
+    try:
+        meta = read_tensor_meta(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        return f"unreadable ({type(e).__name__}: {e})"
+    missing = [k for k in ("epoch", "history", "param_groups", "opt_scalars") if k not in meta]
+    return f"missing metadata ({', '.join(missing)})" if missing else None
+
+
 def load_checkpoint(path: Path, model, optimizer, state=None) -> dict:
-    tensors, meta = load_tensors(path)
+    problem = checkpoint_problem(path)
+    if problem is None:
+        try:
+            tensors, meta = load_tensors(path)
+        except Exception as e:  # noqa: BLE001
+            problem = f"unreadable ({type(e).__name__}: {e})"
+    if problem is not None:
+        raise CorruptCheckpoint(f"checkpoint {path} is {problem}; delete it (or run `cfbench doctor --fix`) "
+                                "and run the same command again to train from the start.")
     unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():

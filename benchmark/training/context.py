@@ -63,15 +63,20 @@ class Batch:
     ctx: FitContext
 
     def attack(self, model, x, y, *, steps: int, step_size: float, rand_init: bool = True,
-               loss_fn=None, x_init=None, eval_mode: bool = True):
-        """Shared PGD in the run's threat model; runs the model in eval mode by default."""
+               loss_fn=None, x_init=None, eval_mode: bool = True, eps: float | None = None,
+               objective=None):
+        """Shared PGD in the run's threat model; runs the model in eval mode by default.
+
+        ``eps`` replaces the run's radius for this call (a schedule such as Int's eps ramp);
+        ``objective(model, x_adv) -> (N,)`` replaces ``loss_fn`` (see :func:`cfbench.attacks.pgd.pgd`)."""
         from ..attacks.pgd import pgd
 
         was_training = model.training
         if eval_mode:
             model.eval()
         try:
-            return pgd(model, x, y, eps=self.ctx.threat.eps, step_size=step_size, steps=steps,
-                       norm=self.ctx.threat.norm, rand_init=rand_init, loss_fn=loss_fn, x_init=x_init)
+            return pgd(model, x, y, eps=self.ctx.threat.eps if eps is None else eps, step_size=step_size,
+                       steps=steps, norm=self.ctx.threat.norm, rand_init=rand_init, loss_fn=loss_fn,
+                       x_init=x_init, objective=objective)
         finally:
             model.train(was_training)
