@@ -730,3 +730,50 @@ def test_same_ranking():
     assert M.same_ranking(xn, np.exp(xn)) and not M.same_ranking(xn, np.exp(x))
     ties = np.round(x)
     assert not M.same_ranking(x, ties)                        # a coarsening is not the same ranking
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(2, 7), st.integers(1, 8), st.integers(1, 3), st.sampled_from(["median", "mean"]), st.data())
+def test_lira_matches_slow_transcription_hypothesis(k, n, a, center, data):
+    """Per-example LiRA online (per-example sigmas) and offline (one-sided z) written out with
+    Python floats, on arbitrary small pools (IN sets drawn per example)."""
+    vals = st.floats(-20, 20, allow_nan=False)
+    ref = np.array(data.draw(st.lists(vals, min_size=k * n * a, max_size=k * n * a))).reshape(k, n, a)
+    tgt = np.array(data.draw(st.lists(vals, min_size=n * a, max_size=n * a))).reshape(n, a)
+    mask = np.array(data.draw(st.lists(st.booleans(), min_size=k * n, max_size=k * n))).reshape(k, n)
+    on = S.lira_online(tgt, ref, mask, False, center=center)
+    off = S.lira_offline(tgt, ref, mask, False, center=center)
+
+    def stats_of(xs):
+        xs = sorted(xs)
+        m = len(xs)
+        mean = sum(xs) / m
+        loc = mean if center == "mean" else (xs[(m - 1) // 2] + xs[m // 2]) / 2
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / m) + 1e-30
+        return loc, sd
+
+    for j in range(n):
+        ins = [r for r in range(k) if mask[r, j]]
+        outs = [r for r in range(k) if not mask[r, j]]
+        if len(ins) < 2 or len(outs) < 2:
+            assert math.isnan(on[j])
+        else:
+            acc = 0.0
+            for q in range(a):
+                li, si = stats_of([ref[r, j, q] for r in ins])
+                lo, so = stats_of([ref[r, j, q] for r in outs])
+                x = tgt[j, q]
+                acc += (-0.5 * ((x - li) / si) ** 2 - math.log(si)) - (-0.5 * ((x - lo) / so) ** 2 - math.log(so))
+            expect = acc / a
+            if math.isfinite(expect):
+                assert on[j] == pytest.approx(expect, rel=1e-9, abs=1e-9)
+        if len(outs) < 2:
+            assert math.isnan(off[j])
+        else:
+            z = []
+            for q in range(a):
+                lo, so = stats_of([ref[r, j, q] for r in outs])
+                z.append((tgt[j, q] - lo) / so)
+            expect = sum(z) / a
+            if math.isfinite(expect):
+                assert off[j] == pytest.approx(expect, rel=1e-9, abs=1e-9)
