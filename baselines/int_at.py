@@ -59,7 +59,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-
 from cfbench.defenses.base import AdversarialDefense
 from cfbench.errors import UsageError
 from cfbench.explain.cam import all_class_maps

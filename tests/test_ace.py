@@ -178,3 +178,40 @@ def test_cf_at_with_ace_counterfactuals(tiny, tmp_path):
     assert ctx.notes["counterfactuals"]["generation_recipe"]["counterfactual_generator"] == "ace"
     assert ctx.metrics["cf.flip_rate"]["n"] == len(data.x_train)
     assert ctx.metrics["cf.replaced"] > 0
+
+
+@pytest.mark.slow
+def test_ace_counterfactuals_as_an_inversion_explanation(tiny, tmp_path):
+    """inversion.explanations=ace_counterfactual: the attacker sees ACE counterfactuals."""
+    import shutil
+
+    from cfbench import params as P
+    from cfbench.attacks.ace import ddpm_path, ddpm_recipe
+    from cfbench.registry import get
+    from cfbench.testing.tiny import eval_context, fit_context, tiny_config, tiny_data
+    from cfbench.training.recipe import build_model_for
+
+    cfg = tiny_config("erm", sets={"data.pool_size": 96, "data.test_size": 32})
+    data = tiny_data(cfg)
+    target = ddpm_path(tmp_path / "_cache", ddpm_recipe(data.dataset, DDPMParams(), 0, "shift"))
+    target.parent.mkdir(parents=True)
+    shutil.copy(tiny["path"], target)
+    model = build_model_for(cfg, data, 0)
+    get("defense", "erm")().fit(model, data.x_train, data.y_train, fit_context(cfg, data))
+    model.eval()
+    cls = get("evaluator", "inversion")
+    ev = cls(P.build(cls.Params, {"explanations": "ace_counterfactual", "architectures": "flatten",
+                                  "max_epochs": "2", "attention_transfer": "false", "classifier_epochs": "1",
+                                  "max_eval": "8", "n_examples": "0"}, where="inversion."))
+    res = ev.evaluate(eval_context(cfg, model, tmp_path, data))
+    assert any(k.startswith("inversion.ace_counterfactual.flatten.members.") for k in res.metrics)
+
+    def find(d):   # the evaluator's notes nest the explainer's record
+        if isinstance(d, dict):
+            if "ace_counterfactual" in d and isinstance(d["ace_counterfactual"], dict):
+                return d["ace_counterfactual"]
+            return next((f for f in map(find, d.values()) if f is not None), None)
+        return None
+
+    note = find(res.notes)
+    assert note is not None and note["n"] > 0 and "ace" in note["explainer"]

@@ -13,13 +13,13 @@ import torch
 
 pytest.importorskip("torchattacks")
 
-from cfbench.attacks.base import ThreatModel  # noqa: E402
-from cfbench.errors import UsageError  # noqa: E402
-from cfbench.evaluators import sanity as S  # noqa: E402
-from cfbench.evaluators.attacks import ATTACKS, AttackZoo, AttackZooParams, build_attack  # noqa: E402
-from cfbench.params import build  # noqa: E402
-from cfbench.testing.tiny import eval_context, fit_context, tiny_config, tiny_data  # noqa: E402
-from cfbench.training.recipe import build_model_for  # noqa: E402
+from cfbench.attacks.base import ThreatModel
+from cfbench.errors import UsageError
+from cfbench.evaluators import sanity as S
+from cfbench.evaluators.attacks import ATTACKS, AttackZoo, AttackZooParams, build_attack
+from cfbench.params import build
+from cfbench.testing.tiny import eval_context, fit_context, tiny_config, tiny_data
+from cfbench.training.recipe import build_model_for
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "leaderboards" / "runs" / "digits-pgd-at-cnn8-s0-1aba5b5501"
 FAST = {"n_examples": 40, "steps": 10, "square_queries": 100, "spsa_iterations": 2, "spsa_samples": 16,

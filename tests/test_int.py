@@ -18,7 +18,6 @@ from cfbench.params import build
 from cfbench.testing.tiny import direct_fit_context, fit_context, tiny_config, tiny_data
 from cfbench_baselines.int_at import IntAT, IntATParams, discrepancy, ramp_eps
 
-
 # -- the discrepancy D ---------------------------------------------------------------------
 
 def slow_discrepancy(maps, maps_adv, logits_adv, y, one_class=False):
@@ -32,7 +31,9 @@ def slow_discrepancy(maps, maps_adv, logits_adv, y, one_class=False):
         p = [v / sum(e) for v in e]
         q = [0.0 if c == yi else p[c] for c in range(len(p))]
         w = [v / sum(q) for v in q]
-        cells = lambda c: [abs(float(a) - float(b)) for a, b in zip(maps_adv[i, c].flatten(), maps[i, c].flatten())]
+        def cells(c, i=i):
+            return [abs(float(a) - float(b)) for a, b in zip(maps_adv[i, c].flatten(), maps[i, c].flatten())]
+
         d = sum(cells(yi))
         if not one_class:
             d += sum(w[c] * sum(cells(c)) for c in range(len(p)) if c != yi)
@@ -265,7 +266,10 @@ def test_int_interpretation_robustness_beats_erms_on_digits():
     import tempfile
     from pathlib import Path
 
-    from cfbench.evaluators.interpretation import InterpretationParams, InterpretationRobustness
+    from cfbench.evaluators.interpretation import (
+        InterpretationParams,
+        InterpretationRobustness,
+    )
     from cfbench.registry import get
     from cfbench.testing.tiny import eval_context
     from cfbench.training.recipe import build_model_for

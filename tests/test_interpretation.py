@@ -11,18 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy import stats
-
 from cfbench import params as P
 from cfbench.errors import UsageError
-from cfbench.evaluators.interpretation import (InterpretationParams, InterpretationRobustness, default_grid,
-                                               kendall_tau_b, t_interval, top_k, topk_overlap)
+from cfbench.evaluators.interpretation import (
+    InterpretationParams,
+    InterpretationRobustness,
+    default_grid,
+    kendall_tau_b,
+    t_interval,
+    top_k,
+    topk_overlap,
+)
 from cfbench.explain.cam import default_gradcam_layer, map_shape, maps, resolve_method
 from cfbench.models import build_model
 from cfbench.testing.tiny import eval_context, fit_context, tiny_config, tiny_data
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
 
 # -- metrics ---------------------------------------------------------------------------------
 
@@ -173,7 +178,7 @@ def test_a_zero_radius_changes_nothing_and_the_grid_at_zero_is_clean_accuracy():
 
 
 def test_the_aai_attack_lowers_the_clean_top_k_cells_and_scores_match_a_direct_computation():
-    res, ctx, model, data = _run(n_examples=16, aai_steps=10, evasion=False, robust_grid=False)
+    res, ctx, model, _ = _run(n_examples=16, aai_steps=10, evasion=False, robust_grid=False)
     ex = ctx.examples["interpretation-aai"]
     x, xa, y = ex["clean"], ex["adv"], ex["y"]
     assert (xa - x).abs().max() <= ctx.threat.eps + 1e-6

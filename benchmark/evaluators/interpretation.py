@@ -123,7 +123,7 @@ def t_interval(values, confidence: float = 0.95) -> dict[str, Any]:
 
 def top_k(cells: int, fraction: float) -> int:
     """k = ``fraction`` of the map cells, rounded, at least 1 (8 of 49 for 0.16)."""
-    return max(1, min(cells, int(round(fraction * cells))))
+    return max(1, min(cells, round(fraction * cells)))
 
 
 def default_grid(norm: str, eps: float, channels: int) -> tuple[float, ...]:
@@ -296,5 +296,12 @@ class InterpretationRobustness(Evaluator):
                        rand_init=p.aai_rand_init, objective=objective)
 
 
-__all__ = ["InterpretationRobustness", "InterpretationParams", "kendall_tau_b", "topk_overlap", "t_interval",
-           "top_k", "default_grid"]
+__all__ = [
+    "InterpretationParams",
+    "InterpretationRobustness",
+    "default_grid",
+    "kendall_tau_b",
+    "t_interval",
+    "top_k",
+    "topk_overlap",
+]

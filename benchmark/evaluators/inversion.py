@@ -24,7 +24,10 @@ are evaluated on members, held-out non-members and test images (each capped at
 Explanations and inversion networks
 -----------------------------------
 ``explanations`` (default: all of cam, saliency, input_x_gradient, integrated_gradients,
-gradcam, counterfactual; ``counterfactual_delta`` on request) of the target's predicted class,
+gradcam, counterfactual; ``counterfactual_delta``, ``ace_counterfactual`` and
+``ace_counterfactual_delta`` on request -- ACE needs the dataset's DDPM from ``cfbench ddpm
+train``, trained on the second half of the test split, which overlaps the test images
+reconstructed here but not the pool) of the target's predicted class,
 min-max normalised per image; ``cam`` is skipped with a warning on a model without class
 activation maps.  Counterfactuals come from ``proto-cf`` fitted on the members (the model
 owner's explainer), towards the target's runner-up class, with ``cf_*`` settings (default:
@@ -327,7 +330,7 @@ class ExplanationInversion(Evaluator):
         if method == "integrated_gradients":
             settings = {"ig_steps": p.ig_steps, "baseline": 0.0, "method": "gausslegendre"}
         if method in X.COUNTERFACTUAL_METHODS:
-            settings = self._cf_settings(ctx)
+            settings = self._cf_settings(ctx, ace=method.startswith("ace_"))
         key = {"kind": "explanation", "target": sha, "method": method, "settings": settings,
                "images": data_fingerprint(x_all)}
         path = self._cached(ctx, "expl", key)
@@ -336,24 +339,33 @@ class ExplanationInversion(Evaluator):
             return load_tensors(path)[0]["e"]
         t0 = time.perf_counter()
         if method in X.COUNTERFACTUAL_METHODS:
-            x_cf = self._counterfactuals(ctx, model, x_all, cf_raw, notes)
-            e = X.minmax_per_image(x_cf if method == "counterfactual" else x_cf - x_all)
+            x_cf = self._counterfactuals(ctx, model, x_all, cf_raw, notes, ace=method.startswith("ace_"))
+            e = X.minmax_per_image(x_cf if method in X.COUNTERFACTUAL_INSTANCES else x_cf - x_all)
         else:
             e = X.explain(model, x_all.to(ctx.device), method, batch_size=p.explain_batch_size, ig_steps=p.ig_steps)
         save_tensors_atomic(path, {"e": e}, {"key": key})
         notes.setdefault("explanations", {})[method] = {"cached": False, "seconds": time.perf_counter() - t0}
         return e
 
-    def _cf_settings(self, ctx: EvalContext) -> dict[str, Any]:
+    def _cf_settings(self, ctx: EvalContext, ace: bool = False) -> dict[str, Any]:
         p = self.params
+        if ace:   # ACE with its defaults and the dataset's default DDPM (cfbench.attacks.ace)
+            from ..attacks.ace import ACE, ACEParams
+            from ..params import to_dict as P_to_dict
+
+            return {"ace": {"params": P_to_dict(ACEParams(seed=p.inv_seed)), "version": ACE.version},
+                    "ddpm": "default", "dataset_sha256": ctx.data.dataset.fingerprint(), "target_class": "runner-up"}
         return {"proto_cf": {"steps": p.cf_steps, "c_steps": p.cf_c_steps, "ae_epochs": p.cf_ae_epochs,
                              "version": ProtoCF.version}, "explainer_data": data_fingerprint(ctx.data.x_train,
                                                                                              ctx.data.y_train),
                 "seed": p.inv_seed, "target_class": "runner-up"}
 
     def _counterfactuals(self, ctx: EvalContext, model, x_all: torch.Tensor, cf_raw: dict[str, torch.Tensor],
-                         notes: dict[str, Any]) -> torch.Tensor:
-        """Raw proto-cf counterfactuals of ``x_all`` towards the runner-up class (once per evaluation)."""
+                         notes: dict[str, Any], ace: bool = False) -> torch.Tensor:
+        """Raw proto-cf (or, with ``ace``, ACE) counterfactuals of ``x_all`` towards the runner-up
+        class (once per evaluation)."""
+        if ace:
+            return self._ace_counterfactuals(ctx, model, x_all, cf_raw, notes)
         if "x" in cf_raw:
             return cf_raw["x"]
         p = self.params
@@ -369,6 +381,26 @@ class ExplanationInversion(Evaluator):
                                    "n": int(len(res.valid)), "explainer": "proto-cf fitted on the members",
                                    "target_class": "the target's runner-up class"}
         return cf_raw["x"]
+
+    def _ace_counterfactuals(self, ctx: EvalContext, model, x_all: torch.Tensor, cf_raw: dict[str, torch.Tensor],
+                             notes: dict[str, Any]) -> torch.Tensor:
+        """ACE counterfactuals (its defaults; the dataset's DDPM, trained on the second half of the
+        test split -- disjoint from members and non-members, not from the test images here)."""
+        from ..attacks.ace import ACE, ACEParams
+
+        if "ace" in cf_raw:
+            return cf_raw["ace"]
+        gen = ACE(ACEParams(seed=self.params.inv_seed)).fit(
+            ctx.data.dataset, cache_dir=ctx.cache_dir, augmentation=ctx.config.dataset_info["augmentation"],
+            device=ctx.device)
+        runner_up = predict(model, x_all, ctx.device).topk(2, dim=1).indices[:, 1]
+        res = gen.generate(model, x_all.to(ctx.device), runner_up.to(ctx.device), progress=ctx.progress,
+                           desc="inversion ACE counterfactuals")
+        cf_raw["ace"] = res.x.cpu()
+        notes["ace_counterfactual"] = {"valid_rate": float(res.valid.float().mean()) if len(res.valid) else None,
+                                       "n": int(len(res.valid)), "explainer": "ace with the dataset's DDPM "
+                                       "(second half of the test split)", "target_class": "the target's runner-up class"}
+        return cf_raw["ace"]
 
     def _network(self, ctx: EvalContext, arch: str, key: dict[str, Any], pred: torch.Tensor,
                  expl: torch.Tensor | None, target: torch.Tensor, out_channels: int, expl_channels: int,

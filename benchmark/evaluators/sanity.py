@@ -57,6 +57,7 @@ results of the evaluators that use it, so their ``version`` moves with it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -222,7 +223,7 @@ def check_sweep(points: Sequence[tuple[float, torch.Tensor]], eps: float, evalua
     ev: dict[str, Any] = {"points": acc, "n": int(pts[0][1].numel()) if pts else 0, "max_ratio": SWEEP_MAX_RATIO,
                           "min_robust": SWEEP_MIN_ROBUST}
     problems = []
-    for (e0, r0), (e1, r1) in zip(pts, pts[1:]):
+    for (e0, r0), (e1, r1) in itertools.pairwise(pts):
         d = paired_difference(r1, r0)
         if d["n"] and d["ci_low"] > 0:
             problems.append(f"robust accuracy rises from {100 * float(r0.float().mean()):.1f}% at eps={e0:.4g} to "
@@ -282,7 +283,7 @@ def forward_randomness(model: torch.nn.Module, x: torch.Tensor, device) -> dict[
     a, b = model(xb).float(), model(xb).float()
     diff = (a - b).abs()
     return {"max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
-            "changed_predictions": int((a.argmax(1) != b.argmax(1)).sum()), "n": int(len(x)),
+            "changed_predictions": int((a.argmax(1) != b.argmax(1)).sum()), "n": len(x),
             "randomized": bool(diff.numel() and (diff.max() > 0 or not torch.isfinite(diff).all()))}
 
 

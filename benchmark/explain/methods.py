@@ -20,6 +20,10 @@ name                     channels   raw map ``E`` (before normalisation) of clas
 ``counterfactual``       C          the counterfactual instance ``x'`` of ``proto-cf``
                                     (Van Looveren & Klaise) towards the runner-up class
 ``counterfactual_delta`` C          ``x' - x``, signed (the "what would have to change" map)
+``ace_counterfactual``   C          the counterfactual instance of ``ace`` (Jeanneret et al.
+                                    2023, :mod:`cfbench.attacks.ace`) towards the runner-up
+                                    class; needs the dataset's DDPM (``cfbench ddpm train``)
+``ace_counterfactual_delta`` C      ``x' - x`` of the ``ace`` counterfactual, signed
 ======================== ========== ===========================================================
 
 ``f_t`` is the logit of the explained class ``t`` -- by default the model's prediction
@@ -87,9 +91,13 @@ EXPLANATIONS: dict[str, str] = {
     "gradcam": "Grad-CAM with per-example weights (captum LayerGradCam)",
     "counterfactual": "proto-cf counterfactual instance towards the runner-up class",
     "counterfactual_delta": "x' - x of the proto-cf counterfactual",
+    "ace_counterfactual": "ACE counterfactual instance towards the runner-up class (needs `cfbench ddpm train`)",
+    "ace_counterfactual_delta": "x' - x of the ACE counterfactual",
 }
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "gradcam")
-COUNTERFACTUAL_METHODS = ("counterfactual", "counterfactual_delta")
+COUNTERFACTUAL_METHODS = ("counterfactual", "counterfactual_delta", "ace_counterfactual", "ace_counterfactual_delta")
+#: the counterfactual methods whose map is the instance x' itself (the others are x' - x)
+COUNTERFACTUAL_INSTANCES = ("counterfactual", "ace_counterfactual")
 
 
 def check_method(name: str) -> None:
@@ -182,7 +190,7 @@ def raw_explanation(model: nn.Module, x: torch.Tensor, method: str, target: torc
         if counterfactual is None:
             raise UsageError(f"explanation {method!r} needs a fitted proto-cf generator (counterfactual=...).")
         x_cf = counterfactual.generate(model, x, cf_target).x.to(x.device)
-        return x_cf if method == "counterfactual" else x_cf - x
+        return x_cf if method in COUNTERFACTUAL_INSTANCES else x_cf - x
     finally:
         model.train(was_training)
 
