@@ -209,4 +209,4 @@ def add_subparser(subparsers) -> None:
     t.set_defaults(func=cmd_ddpm_train)
 
 
-__all__ = ["train_ddpm", "prepare", "add_subparser", "cmd_ddpm_train"]
+__all__ = ["add_subparser", "cmd_ddpm_train", "prepare", "train_ddpm"]

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from cfbench.attacks.ace import ACE, ACEParams, dilation_for, find_ddpm, refine, refinement_mask
 from cfbench.errors import UsageError
 from cfbench.models.ddpm import DDPM, DDPMParams
@@ -120,7 +119,7 @@ def test_tiny_ace_flips_a_tiny_classifier(tiny):
     res = ace.generate(tiny["clf"], tiny["x"], tiny["t"])
     with torch.no_grad():
         pred = tiny["clf"](res.x).argmax(1)
-    assert (pred == tiny["c"]).all() == False  # noqa: E712 - something moved
+    assert (pred == tiny["c"]).all() == False
     assert torch.equal(res.valid, pred == tiny["t"])
     assert res.valid.float().mean() >= 0.75             # the refined counterfactuals reach the target class
     assert res.valid_pe.float().mean() >= 0.5           # (the pre-explanation is optimised through F_tau)
@@ -134,7 +133,7 @@ def test_tiny_ace_flips_a_tiny_classifier(tiny):
     # the L1 term buys proximity (plain PGD: the same optimiser without the filter)
     far = ACE(ACEParams(lambda1=0.0, filter=False, inpaint=0)).generate(tiny["clf"], tiny["x"], tiny["t"])
     near = ACE(ACEParams(lambda1=0.2, filter=False, inpaint=0)).generate(tiny["clf"], tiny["x"], tiny["t"])
-    l1 = lambda r: float((r.x - tiny["x"]).abs().sum())  # noqa: E731
+    l1 = lambda r: float((r.x - tiny["x"]).abs().sum())
     assert l1(near) < l1(far)
 
 

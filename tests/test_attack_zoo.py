@@ -147,3 +147,23 @@ def test_same_attacks_agree_with_autoattack_on_the_committed_checkpoint(digits_s
         assert d["ci_low"] <= 0 <= d["ci_high"], results
     # the attacks did something on this model (else agreeing would be trivial)
     assert results["apgd-ce"][0] < 0.95 and results["square"][0] < 0.98
+
+
+def test_a_nan_output_is_no_adversarial_example(tmp_path):
+    """DeepFool divides by the gradient difference: on a rounding model (zero gradient) it
+    returns NaN, which a model may well 'misclassify'; the zoo keeps the clean image instead."""
+    from cfbench import registry
+
+    registry.reset()
+    try:
+        registry.load_plugin_file(Path(__file__).resolve().parent / "fixtures" / "masking_plugins.py")
+        cfg = tiny_config("erm", model="cnn8-round", sets={"model.width": 8}, evaluators=("clean", "attacks"))
+        data = tiny_data(cfg)
+        model = build_model_for(cfg, data, 0).eval()
+        ctx = eval_context(cfg, model, tmp_path, data)
+        res = AttackZoo(build(AttackZooParams, {**FAST, "attacks": ("deepfool",), "sanity": False})).evaluate(ctx)
+    finally:
+        registry.reset()
+    sh = ctx.shared["robust.attacks"]
+    assert res.notes["robust.attacks"]["attacks"]["deepfool"]["non_finite_outputs"] > 0
+    assert torch.equal(sh["robust"]["deepfool"], sh["clean"])

@@ -7,11 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from cfbench.errors import UsageError
-from cfbench.evaluators.counterfactual import (CounterfactualParams, CounterfactualQuality, PenultimateFeatures, cout,
-                                               distances, frechet_distance)
+from cfbench.evaluators.counterfactual import (
+    CounterfactualParams,
+    CounterfactualQuality,
+    PenultimateFeatures,
+    cout,
+    distances,
+    frechet_distance,
+)
+from torch import nn
 
 
 class _Flat(nn.Module):

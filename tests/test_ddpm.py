@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from cfbench.errors import UsageError
 from cfbench.models.ddpm import DDPM, DDPMParams, space_timesteps, tau_steps
 
@@ -66,7 +65,8 @@ def test_schedule_and_reverse_step_match_a_float64_transcription():
         z = torch.randn_like(xt)
         got = m.p_step(xt, k, r, z).numpy()
     x0_hat = np.clip(np.sqrt(1 / a[k]) * xt.numpy() - np.sqrt(1 / a[k] - 1) * eps, -1, 1)
-    mean = b[k] * np.sqrt(a_prev[k]) / (1 - a[k]) * x0_hat + (1 - a_prev[k]) * np.sqrt(1 - b[k]) / (1 - a[k]) * xt.numpy()
+    mean = (b[k] * np.sqrt(a_prev[k]) / (1 - a[k]) * x0_hat
+            + (1 - a_prev[k]) * np.sqrt(1 - b[k]) / (1 - a[k]) * xt.numpy())
     log_var = np.log(np.append(post_var[1], post_var[1:]))[k]            # fixed_small, clipped log
     np.testing.assert_allclose(got, mean + np.exp(0.5 * log_var) * z.numpy(), rtol=1e-8, atol=1e-10)
     with torch.no_grad():
@@ -128,12 +128,12 @@ def _train(tmp_path, *, interrupt_after=None, name="m"):
 def test_training_resumes_bit_identically(tmp_path):
     from cfbench.store.io import load_tensors
 
-    (full, meta), path = _train(tmp_path / "a")
+    (_, meta), path = _train(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "b", interrupt_after=0)
     assert not (tmp_path / "b" / "m.safetensors").exists()
     assert (tmp_path / "b" / "m.ckpt.safetensors").exists()
-    (resumed, meta_b), path_b = _train(tmp_path / "b")
+    (_, meta_b), path_b = _train(tmp_path / "b")
     assert not (tmp_path / "b" / "m.ckpt.safetensors").exists()        # the checkpoint is gone when done
     a, b = load_tensors(path)[0], load_tensors(path_b)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

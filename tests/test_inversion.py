@@ -10,12 +10,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cfbench.errors import UsageError
-from cfbench.evaluators.inversion import (ExplanationInversion, InversionParams, image_metrics, mean_ci,
-                                          newcombe_diff, set_metrics, welch_diff)
+from cfbench.evaluators.inversion import (
+    ExplanationInversion,
+    InversionParams,
+    image_metrics,
+    mean_ci,
+    newcombe_diff,
+    set_metrics,
+    welch_diff,
+)
 from cfbench.explain import methods as X
 from cfbench.models import GAPCNN, SmallCNN8
-from cfbench.models.inversion import (ARCHITECTURES, InversionNet, crop, pad_to, reconstruct, split_train_val,
-                                      train_inverter, working_size)
+from cfbench.models.inversion import (
+    ARCHITECTURES,
+    InversionNet,
+    crop,
+    pad_to,
+    reconstruct,
+    split_train_val,
+    train_inverter,
+    working_size,
+)
 from cfbench.params import build
 from scipy import stats
 from scipy.signal import correlate2d

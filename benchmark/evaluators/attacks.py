@@ -45,6 +45,9 @@ Attacks and the choices made (torchattacks' classes; cfbench's defaults):
   conservative use of its direction.)
 * An attack that torchattacks implements for Linf only (EOT-PGD, SPSA, FGSM) is skipped under
   another norm, and the notes say so.
+* An attack output that is not finite (DeepFool divides by the gradient difference, NaN when
+  the gradient is zero) is replaced by the clean image -- NaN is no adversarial example --
+  and counted in the notes (``non_finite_outputs``).
 * Only the examples classified correctly clean are attacked (a clean error is never robust);
   torch is seeded with the run's seed before each attack, so each number does not depend on
   the order of the list.
@@ -197,10 +200,16 @@ class AttackZoo(Evaluator):
             atk = build_attack(name, model, norm, eps, p, d.dataset.num_classes, ctx.seed)
             rob = torch.zeros(n, dtype=torch.bool)
             dists = []
+            non_finite = 0
             for i in range(0, len(idx), p.batch_size):
                 sel = idx[i:i + p.batch_size]
                 xb, yb = x[sel].to(ctx.device), y[sel].to(ctx.device)
                 adv = atk(xb, yb).detach()
+                # an attack dividing by a zero gradient (DeepFool on a rounding model) returns NaN:
+                # that is no adversarial example, the clean image stands
+                bad = ~torch.isfinite(adv).flatten(1).all(1)
+                non_finite += int(bad.sum())
+                adv = torch.where(bad.view(-1, *([1] * (adv.dim() - 1))), xb, adv)
                 x_adv = (xb + project(adv - xb, norm, eps)).clamp(0, 1)
                 with torch.no_grad():
                     ok = model(x_adv).argmax(1) == yb
@@ -211,7 +220,7 @@ class AttackZoo(Evaluator):
                 rob[sel] = ok.cpu()
             robust[name] = rob
             info[name] = {"kind": kind, "class": f"torchattacks.{type(atk).__name__}", "seconds":
-                          time.perf_counter() - t0, "settings": _settings(atk)}
+                          time.perf_counter() - t0, "settings": _settings(atk), "non_finite_outputs": non_finite}
             if min_norm:
                 dd = torch.cat(dists) if dists else torch.empty(0)
                 info[name]["found"] = int(dd.numel())

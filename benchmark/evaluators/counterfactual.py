@@ -75,6 +75,7 @@ class CounterfactualParams:
                                                     "ace, proto-cf, pgd")
     n_examples: int = param(100, "instances explained: the first n of the test split (at most its first half)", ge=2)
     ace_iterations: int = param(_A.iterations, "PGD iterations of ace and pgd", ge=1)
+    ace_step: float = param(_A.step, "PGD sign-step size of ace and pgd (ACE: 1/255)", gt=0)
     ace_lambda1: float = param(_A.lambda1, "L1 weight of ace and pgd", ge=0)
     ace_tau: float = param(_A.tau, "ace: fraction of the respaced steps in the filter", gt=0, le=1)
     ace_inpaint: float = param(_A.inpaint, "ace: refinement mask threshold (0: no refinement)", ge=0, le=1)
@@ -149,7 +150,7 @@ def cout(model: nn.Module, x: torch.Tensor, x_cf: torch.Tensor, c: torch.Tensor,
         pc.append(p[torch.arange(n), c])
         pt.append(p[torch.arange(n), t])
     frac = torch.tensor(counts, dtype=torch.float64) / hw
-    auc = lambda curve: torch.trapezoid(torch.stack(curve, 1).double().cpu(), frac, dim=1)  # noqa: E731
+    auc = lambda curve: torch.trapezoid(torch.stack(curve, 1).double().cpu(), frac, dim=1)
     return auc(pt) - auc(pc)
 
 
@@ -202,11 +203,11 @@ class CounterfactualQuality(Evaluator):
             gen = ProtoCF(ProtoCFParams(steps=p.proto_steps, c_steps=p.proto_c_steps, ae_epochs=p.proto_ae_epochs))
             gen.fit(ctx.data.x_train, ctx.data.y_train, seed=ctx.seed, device=ctx.device, cache_dir=ctx.cache_dir)
             return {"x": gen.generate(model, x, t, progress=ctx.progress, desc="proto-cf counterfactuals").x.cpu()}
-        ap = ACEParams(iterations=p.ace_iterations, lambda1=p.ace_lambda1, tau=p.ace_tau, batch_size=p.ace_batch_size,
-                       ddpm=p.ace_ddpm, seed=ctx.seed, inpaint=p.ace_inpaint if g == "ace" else 0.0,
-                       filter=g == "ace")
-        ace = ACE(ap).fit(ctx.data.dataset, cache_dir=ctx.cache_dir, augmentation=ctx.config.dataset_info["augmentation"],
-                          device=ctx.device)
+        ap = ACEParams(iterations=p.ace_iterations, step=p.ace_step, lambda1=p.ace_lambda1, tau=p.ace_tau,
+                       batch_size=p.ace_batch_size, ddpm=p.ace_ddpm, seed=ctx.seed,
+                       inpaint=p.ace_inpaint if g == "ace" else 0.0, filter=g == "ace")
+        ace = ACE(ap).fit(ctx.data.dataset, cache_dir=ctx.cache_dir,
+                          augmentation=ctx.config.dataset_info["augmentation"], device=ctx.device)
         res = ace.generate(model, x.to(ctx.device), t, progress=ctx.progress, desc=f"{g} counterfactuals")
         return {"x": res.x.cpu(), "x_pe": res.x_pe.cpu(), "mask": res.mask.cpu()}
 

@@ -88,7 +88,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -102,8 +102,14 @@ from ..hashing import canonical_hash
 from ..mia import metrics as M
 from ..mia.signals import weights_sha256
 from ..models import unwrap
-from ..models.inversion import (ARCHITECTURES, EXPLANATION_ARCHITECTURES, InversionNet, pad_to, reconstruct,
-                                train_inverter, working_size)
+from ..models.inversion import (
+    EXPLANATION_ARCHITECTURES,
+    InversionNet,
+    pad_to,
+    reconstruct,
+    train_inverter,
+    working_size,
+)
 from ..params import param
 from ..store.io import load_tensors, save_tensors_atomic
 from .base import EvalContext, EvalResult, Evaluator, predict, proportion
@@ -169,7 +175,10 @@ def ssim_sigma_for(side: int) -> float:
 def image_metrics(recon: torch.Tensor, x: torch.Tensor, *, sigma: float | None = None) -> dict[str, np.ndarray]:
     """Per-image ``mse``, ``psnr`` (dB, data range 1) and ``ssim`` (float64 arrays) of
     reconstructions against originals, both (N, C, H, W) in [0, 1] (torchmetrics)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
 
     if recon.shape != x.shape:
         raise ValueError(f"reconstructions {tuple(recon.shape)} and originals {tuple(x.shape)} differ in shape")
@@ -276,7 +285,7 @@ class ExplanationInversion(Evaluator):
                    "prediction and its explanation (CAM, gradients, Grad-CAM, counterfactuals); member/non-member gap")
     version = 1
     Params = InversionParams
-    contract_params = {"explanations": "saliency", "architectures": "expmi", "max_epochs": "2",
+    contract_params: ClassVar[dict[str, str]] = {"explanations": "saliency", "architectures": "expmi", "max_epochs": "2",
                        "classifier_epochs": "1", "n_examples": "2"}
 
     # -- caching helpers -------------------------------------------------------------------------
@@ -307,7 +316,7 @@ class ExplanationInversion(Evaluator):
         model = build_model(model_name, ds.shape, ds.num_classes, ds.mean, ds.std, None)
         if path.exists():
             model.load_state_dict(load_tensors(path)[0])
-            notes[kind] = {"cached": True, "model": model_name, "n_train": int(len(x)), "epochs": tp.epochs}
+            notes[kind] = {"cached": True, "model": model_name, "n_train": len(x), "epochs": tp.epochs}
             return model.to(ctx.device).eval()
         fctx = FitContext(threat=ctx.threat, train=tp, device=ctx.device, seed=seed, num_classes=ds.num_classes,
                           augmentation=ctx.config.dataset_info["augmentation"], progress=ctx.progress,
@@ -319,7 +328,7 @@ class ExplanationInversion(Evaluator):
 
         train(model, x, y, fctx, ce)
         save_tensors_atomic(path, model.state_dict(), {"key": key, "history": fctx.history})
-        notes[kind] = {"cached": False, "model": model_name, "n_train": int(len(x)), "epochs": tp.epochs}
+        notes[kind] = {"cached": False, "model": model_name, "n_train": len(x), "epochs": tp.epochs}
         return model.eval()
 
     def _explanations(self, ctx: EvalContext, model, sha: str, method: str, x_all: torch.Tensor,
@@ -378,7 +387,7 @@ class ExplanationInversion(Evaluator):
                            desc="inversion counterfactuals")
         cf_raw["x"] = res.x.cpu()
         notes["counterfactual"] = {"valid_rate": float(res.valid.float().mean()) if len(res.valid) else None,
-                                   "n": int(len(res.valid)), "explainer": "proto-cf fitted on the members",
+                                   "n": len(res.valid), "explainer": "proto-cf fitted on the members",
                                    "target_class": "the target's runner-up class"}
         return cf_raw["x"]
 
@@ -398,7 +407,7 @@ class ExplanationInversion(Evaluator):
                            desc="inversion ACE counterfactuals")
         cf_raw["ace"] = res.x.cpu()
         notes["ace_counterfactual"] = {"valid_rate": float(res.valid.float().mean()) if len(res.valid) else None,
-                                       "n": int(len(res.valid)), "explainer": "ace with the dataset's DDPM "
+                                       "n": len(res.valid), "explainer": "ace with the dataset's DDPM "
                                        "(second half of the test split)", "target_class": "the target's runner-up class"}
         return cf_raw["ace"]
 
@@ -447,7 +456,7 @@ class ExplanationInversion(Evaluator):
         # -- data: attacker / held-out non-members / members / test (eval-classifier half + reconstructed half)
         nonmember_pos = np.flatnonzero(~d.member_mask)
         member_pos = np.flatnonzero(d.member_mask)
-        n_att = int(round(p.attacker_fraction * len(nonmember_pos)))
+        n_att = round(p.attacker_fraction * len(nonmember_pos))
         if n_att < 2 or len(nonmember_pos) - n_att < 2:
             raise UsageError(f"inversion: {len(nonmember_pos)} non-members cannot be split into >= 2 attacker "
                              f"examples and >= 2 held-out non-members with attacker_fraction={p.attacker_fraction}; "
@@ -475,7 +484,7 @@ class ExplanationInversion(Evaluator):
                         "and explanation)",
             "nonmembers": "the other non-members (held out from the attacker)",
             "test": "a seeded half of the test split (the other half trains the evaluation classifier)",
-            "sizes": {s: int(len(xs[s])) for s in order} | {"eval_classifier_train": int(len(clf_pos))},
+            "sizes": {s: len(xs[s]) for s in order} | {"eval_classifier_train": len(clf_pos)},
             "explained_class": "the target's prediction (arg-max)", "normalisation": "min-max per image",
             "training": {"loss": "MSE", "optimizer": f"Adam(lr={p.inv_lr}, betas=({p.beta1}, 0.999))",
                          "batch_size": p.inv_batch_size, "val_fraction": p.val_fraction, "patience": p.patience,

@@ -78,8 +78,16 @@ if TYPE_CHECKING:
     from ..attacks.proto_cf import ProtoCF
 
 __all__ = [
-    "EXPLANATIONS", "GRADIENT_METHODS", "COUNTERFACTUAL_METHODS", "explain", "raw_explanation", "minmax_per_image",
-    "has_cam", "gradcam_layer", "explanation_channels", "check_method",
+    "COUNTERFACTUAL_METHODS",
+    "EXPLANATIONS",
+    "GRADIENT_METHODS",
+    "check_method",
+    "explain",
+    "explanation_channels",
+    "gradcam_layer",
+    "has_cam",
+    "minmax_per_image",
+    "raw_explanation",
 ]
 
 #: every explanation name with a one-line description
@@ -144,7 +152,13 @@ def _cam_raw(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.T
 
 
 def _captum(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, ig_steps: int) -> torch.Tensor:
-    from captum.attr import (InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam, Saliency)
+    from captum.attr import (
+        InputXGradient,
+        IntegratedGradients,
+        LayerAttribution,
+        LayerGradCam,
+        Saliency,
+    )
 
     xg = x.detach().clone().requires_grad_(True)
     if name == "saliency":

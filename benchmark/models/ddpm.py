@@ -54,7 +54,6 @@ from torch import nn
 from ..errors import UsageError
 from ..params import check_value, param
 
-
 #: optimizer steps of the default training length
 DEFAULT_STEPS = 4000
 
@@ -97,7 +96,7 @@ class DDPMParams:
 
     def check_shape(self, shape) -> None:
         """Refuse an image side the UNet cannot downsample and upsample back (diffusers #3630)."""
-        c, h, w = (int(s) for s in shape)
+        _, h, w = (int(s) for s in shape)
         f = 2 ** (len(self.channels) - 1)
         if h % f or w % f:
             sides = ", ".join(str(n) for n in range(1, 8) if h % 2 ** (n - 1) == 0 and w % 2 ** (n - 1) == 0)
@@ -231,7 +230,7 @@ class DDPM(nn.Module):
         if not stochastic:
             draw = torch.zeros_like
         elif draw is None:
-            draw = lambda like: randn(like.shape, generator, like)  # noqa: E731
+            draw = lambda like: randn(like.shape, generator, like)
         x = x01 * 2 - 1
         x = self.q_sample_respaced(x, steps - 1, r, draw(x))
         for k in range(steps - 1, -1, -1):
@@ -255,4 +254,4 @@ def ddpm_megabytes(model: DDPM) -> float:
     return count_parameters(model.unet) * 4 / 2 ** 20
 
 
-__all__ = ["DDPMParams", "DDPM", "Respacing", "space_timesteps", "tau_steps", "randn"]
+__all__ = ["DDPM", "DDPMParams", "Respacing", "randn", "space_timesteps", "tau_steps"]

@@ -200,7 +200,7 @@ class InversionNet(nn.Module):
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded permutation of range(n) cut into (train, validation) index tensors (>= 1 each when n >= 2)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    n_val = min(max(1, int(round(val_fraction * n))), n - 1) if n >= 2 else 0
+    n_val = min(max(1, round(val_fraction * n)), n - 1) if n >= 2 else 0
     return perm[n_val:], perm[:n_val]
 
 
@@ -265,7 +265,7 @@ def train_inverter(net: nn.Module, pred: torch.Tensor, expl: torch.Tensor | None
         net.load_state_dict(best_state)
     net.eval()
     return net, {"epochs": epoch, "best_epoch": best_epoch, "best_val_mse": best,
-                 "stopped_early": epoch < max_epochs, "n_train": int(len(tr)), "n_val": int(len(va)),
+                 "stopped_early": epoch < max_epochs, "n_train": len(tr), "n_val": len(va),
                  "train_mse": hist_train, "val_mse": hist_val}
 
 

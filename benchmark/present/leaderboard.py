@@ -482,7 +482,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
         out.loc[ranked, "pareto_rank"] = pareto_ranks(
             out.loc[ranked, [c for _, c, _ in axes]].astype(float).values.tolist(), [up for _, _, up in axes])
     else:
-        out["pareto_rank"] = pd.NA
+        out["pareto_rank"] = math.nan   # unranked (no axis, or every row flagged): NaN, as in from_json
     sort_cols = ["pareto_rank", "robust_mean", "clean_mean", "label"] if axes else ["robust_mean", "label"]
     asc = [True, False, False, True] if axes else [False, True]
     out = out.sort_values(sort_cols, ascending=asc, na_position="last", kind="stable").reset_index(drop=True)
