@@ -65,6 +65,7 @@ from ..models.ddpm import DDPM, DDPMParams, Respacing, tau_steps
 from ..params import check_value, param, to_dict
 from ..store.io import load_tensors
 from .base import Attack, ThreatModel
+from .batching import check_instances, concat_results, map_batches
 
 #: bump when the DDPM's training changes (part of its cache key)
 DDPM_VERSION = 1
@@ -306,38 +307,18 @@ class ACE(Attack):
                  progress: bool = False, desc: str = "ACE counterfactuals") -> ACEResult:
         """Counterfactuals of ``x0`` (in [0, 1]) towards classes ``target`` (batched; the model
         runs in eval mode and its mode is restored)."""
-        if len(x0) != len(target):
-            raise UsageError(f"ace: {len(x0)} instances but {len(target)} target classes.")
-        if x0.numel() and (x0.min() < 0 or x0.max() > 1):
-            raise UsageError(f"ace: instances must lie in [0, 1] (got values in [{float(x0.min()):.3g}, "
-                             f"{float(x0.max()):.3g}]).")
+        check_instances("ace", x0, target)
         if self.ddpm is not None and tuple(x0.shape[1:]) != self.ddpm.shape:
             raise UsageError(f"ace: the DDPM models {self.ddpm.shape} images, the instances are {tuple(x0.shape[1:])}.")
         dev = next(self.ddpm.parameters()).device if self.ddpm is not None else x0.device
         x0, target = x0.detach().to(dev), target.detach().to(dev).long()
-        was_training = model.training
-        model.eval()
-        bs = self.params.batch_size
-        parts: list[ACEResult] = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(x0), desc=desc, unit="img", leave=False, dynamic_ncols=True)
-        try:
-            for s in range(0, len(x0), bs):
-                parts.append(self._batch(model, x0[s:s + bs], target[s:s + bs], s))
-                if bar is not None:
-                    bar.update(len(parts[-1].x))
-        finally:
-            model.train(was_training)
-            if bar is not None:
-                bar.close()
+        parts = map_batches(model, len(x0), self.params.batch_size,
+                            lambda s, e: self._batch(model, x0[s:e], target[s:e], s), progress=progress, desc=desc)
         if not parts:
             e = torch.empty(0, device=dev)
             return ACEResult(x=x0.clone(), valid=e.bool(), margin=e, x_pe=x0.clone(), valid_pe=e.bool(),
                              mask=torch.zeros_like(x0[:, :1], dtype=torch.bool))
-        return ACEResult(**{f.name: torch.cat([getattr(r, f.name) for r in parts])
-                            for f in dataclasses.fields(ACEResult)})
+        return concat_results(ACEResult, parts)
 
     def perturb(self, model, x, y, threat: ThreatModel | None = None):
         """ACE counterfactuals of ``x`` towards the target classes ``y`` (threat model ignored)."""

@@ -88,6 +88,7 @@ from ..hashing import canonical_hash
 from ..store.io import load_tensors, save_tensors_atomic
 from .autoencoder import ConvAutoencoder, train_autoencoder
 from .base import Attack, ThreatModel
+from .batching import check_instances, concat_results, map_batches
 
 NO_BOUND = 1e10
 
@@ -352,37 +353,20 @@ class ProtoCF(Attack):
         model and the autoencoder run in eval mode; the model's mode is restored); ``exclude``:
         per instance, a fitted training index left out of its prototype (see :meth:`prototypes`)."""
         self._require_fit()
-        if len(x0) != len(target):
-            raise UsageError(f"proto-cf: {len(x0)} instances but {len(target)} target classes.")
-        if x0.numel() and (x0.min() < 0 or x0.max() > 1):
-            raise UsageError("proto-cf: instances must lie in [0, 1] (got values in "
-                             f"[{float(x0.min()):.3g}, {float(x0.max()):.3g}]).")
+        check_instances("proto-cf", x0, target)
         dev = self.codes.device
         x0, target = x0.detach().to(dev), target.detach().to(dev).long()
-        was_training = model.training
-        model.eval()
-        bs = self.params.batch_size
-        parts: list[CFResult] = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(x0), desc=desc, unit="img", leave=False, dynamic_ncols=True)
-        try:
-            for s in range(0, len(x0), bs):
-                xb, tb = x0[s:s + bs], target[s:s + bs]
-                ex = exclude[s:s + bs] if exclude is not None else None
-                parts.append(self._batch(model, xb, tb, self.prototypes(self.encode(xb), tb, ex)))
-                if bar is not None:
-                    bar.update(len(xb))
-        finally:
-            model.train(was_training)
-            if bar is not None:
-                bar.close()
+
+        def run(s: int, e: int) -> CFResult:
+            xb, tb = x0[s:e], target[s:e]
+            ex = exclude[s:e] if exclude is not None else None
+            return self._batch(model, xb, tb, self.prototypes(self.encode(xb), tb, ex))
+
+        parts = map_batches(model, len(x0), self.params.batch_size, run, progress=progress, desc=desc)
         if not parts:
             e = torch.empty(0, device=dev)
             return CFResult(x=x0.clone(), valid=e.bool(), margin=e, const=e.double())
-        return CFResult(**{f.name: torch.cat([getattr(r, f.name) for r in parts])
-                           for f in dataclasses.fields(CFResult)})
+        return concat_results(CFResult, parts)
 
     def perturb(self, model, x, y, threat: ThreatModel | None = None):
         """Counterfactuals of ``x`` towards the target classes ``y`` (threat model ignored)."""
