@@ -14,7 +14,9 @@ from cfbench.evaluators.counterfactual import (
     PenultimateFeatures,
     cout,
     distances,
+    fd_bootstrap,
     frechet_distance,
+    paired_differences,
 )
 from torch import nn
 
@@ -39,6 +41,46 @@ def test_frechet_distance_matches_scipy():
     ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
     assert frechet_distance(_Flat(), real, fake) == pytest.approx(ref, rel=1e-4)
     assert frechet_distance(_Flat(), real, real) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_fd_bootstrap_interval():
+    from scipy import linalg
+
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(50, 1, 3, 3, generator=g)
+    fake = (real + 0.3 * torch.rand(50, 1, 3, 3, generator=g)).clamp(0, 1)
+    lo, hi = fd_bootstrap(_Flat(), real, fake, n_boot=100, seed=0)
+    # an independent bootstrap: the same resampled indices, numpy/scipy Frechet distance
+    a, b = real.flatten(1)[:, :6].double().numpy(), fake.flatten(1)[:, :6].double().numpy()
+    rng = np.random.default_rng(0)
+    stats = []
+    for _ in range(100):
+        i = rng.integers(0, 50, 50)
+        s1, s2 = np.cov(a[i], rowvar=False), np.cov(b[i], rowvar=False)
+        mu = a[i].mean(0) - b[i].mean(0)
+        stats.append(mu @ mu + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(stats, [0.025, 0.975])), rel=1e-6)
+    assert lo < frechet_distance(_Flat(), real, fake) < hi
+    assert fd_bootstrap(_Flat(), real, fake, n_boot=0) == (None, None)
+    lo0, hi0 = fd_bootstrap(_Flat(), real, real, n_boot=20)
+    assert abs(lo0) < 1e-6 and abs(hi0) < 1e-6           # identical sets: zero in every resample
+
+
+def test_paired_differences_match_numpy():
+    g = torch.Generator().manual_seed(2)
+    per = {k: {m: torch.rand(12, generator=g).double() for m in ("l1", "l2", "linf", "sparsity")}
+           for k in ("ace", "ace.pre", "pgd")}
+    out = paired_differences(per)
+    assert set(out) == {f"counterfactual.{a}.{m}_minus_{b}" for a, b in (("ace", "pgd"), ("ace.pre", "pgd"),
+                                                                       ("ace", "ace_pre"))
+                        for m in ("l1", "l2", "linf", "sparsity")}
+    from scipy import stats
+
+    d = (per["ace"]["l1"] - per["pgd"]["l1"]).numpy()
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    v = out["counterfactual.ace.l1_minus_pgd"]
+    assert v["value"] == pytest.approx(d.mean()) and (v["ci_low"], v["ci_high"]) == pytest.approx((lo, hi))
+    assert paired_differences({"ace": per["ace"]}) == {}
 
 
 def _reference_cout(model, imgs, cfs, label, target, step):
@@ -146,13 +188,25 @@ def test_evaluator_end_to_end_with_ace(tmp_path):
     ctx = eval_context(cfg, model, tmp_path)
     res = ev.evaluate(ctx)
     m = res.metrics
+    x = data.x_test[:6]
     for g in ("ace", "pgd"):
-        for k in ("l1", "l2", "linf", "sparsity", "fd", "cout", "seconds"):
-            assert isinstance(m[f"counterfactual.{g}.{k}"], float), (g, k)
+        assert isinstance(m[f"counterfactual.{g}.seconds"], float)
+        for k in ("l1", "l2", "linf", "sparsity", "fd", "cout"):
+            v = m[f"counterfactual.{g}.{k}"]
+            assert v["n"] == 6 and v["ci_low"] <= v["value"] <= v["ci_high"], (g, k, v)
         assert m[f"counterfactual.{g}.flip_rate"]["n"] == 6
-        assert 0 <= m[f"counterfactual.{g}.sparsity"] <= 1
+        assert 0 <= m[f"counterfactual.{g}.sparsity"]["value"] <= 1
+        # the report's example images are the first explained instances
+        ex = ctx.examples[f"counterfactual-{g}"]
+        assert torch.equal(ex["clean"], x[:3])
     assert m["counterfactual.ace.pre.flip_rate"]["n"] == 6 and "counterfactual.ace.pre.l1" in m
-    assert 0 <= m["counterfactual.ace.mask_fraction"] <= 1
+    assert 0 <= m["counterfactual.ace.mask_fraction"]["value"] <= 1
+    # paired differences are the difference of the means (same instances)
+    d = m["counterfactual.ace.l1_minus_pgd"]
+    assert d["value"] == pytest.approx(m["counterfactual.ace.l1"]["value"] - m["counterfactual.pgd.l1"]["value"])
+    assert d["ci_low"] <= d["value"] <= d["ci_high"]
+    assert m["counterfactual.ace.l1_minus_ace_pre"]["value"] == pytest.approx(
+        m["counterfactual.ace.l1"]["value"] - m["counterfactual.ace.pre.l1"]["value"])
     assert m["counterfactual.n"] == 6 and m["counterfactual.reference.fd"] >= 0
     assert set(ctx.examples) == {"counterfactual-ace", "counterfactual-pgd"}
     assert ctx.examples["counterfactual-ace"]["adv"].shape == (3, 1, 8, 8)
@@ -162,5 +216,5 @@ def test_evaluator_end_to_end_with_ace(tmp_path):
     assert len(files) == 1
     res2 = CounterfactualQuality(CounterfactualParams(generators=("pgd",), n_examples=6, ace_iterations=4,
                                                       n_images=0)).evaluate(eval_context(cfg, model, tmp_path))
-    assert res2.metrics["counterfactual.pgd.l1"] == m["counterfactual.pgd.l1"]
+    assert res2.metrics["counterfactual.pgd.l1"]["value"] == m["counterfactual.pgd.l1"]["value"]
     assert res2.metrics["counterfactual.reference.fd"] == m["counterfactual.reference.fd"]

@@ -37,8 +37,15 @@ Metrics, per generator g (``counterfactual.<g>.*``), over all n instances:
   model's softmax), trapezoidal over the inserted fraction; in [-1, 1], higher is better.
   (The reference code's AUC assumes equal chunks; both agree when the chunk divides HW, e.g.
   every 8x8 image.)
+* intervals: ``l1``, ``l2``, ``linf``, ``sparsity`` and ``cout`` are means with a Student-t
+  95% interval over the instances; ``fd`` carries a percentile-bootstrap interval
+  (``fd_bootstrap`` resamples of the instances, the same ones on both sides; float64 features,
+  scipy's ``sqrtm``);
+* paired differences on the same instances, ``<a>.<metric>_minus_<b>`` (Student-t intervals of
+  the per-instance differences of L1, L2, Linf, sparsity): ``ace``, ``ace.pre`` and
+  ``proto-cf`` minus ``pgd``, and ``ace`` minus ``ace_pre`` (what the refinement changes);
 * ``seconds``; and for ``ace`` also ``ace.pre.*`` (flip rate, L1, FD of the pre-explanation,
-  before refinement) and ``ace.mask_fraction`` (fraction of pixels regenerated).
+  before refinement) and ``ace.mask_fraction`` (per-instance fraction of pixels regenerated, averaged).
 
 ``counterfactual.feature_classifier.accuracy``: the feature classifier on the explained
 originals; ``counterfactual.n``.  Example images: ``counterfactual-<g>`` (clean = x, adv =
@@ -49,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +72,7 @@ from ..hashing import canonical_hash
 from ..params import check_value, param, to_dict
 from ..store.io import load_tensors, save_tensors_atomic
 from .base import EvalContext, EvalResult, Evaluator, predict, proportion
+from .interpretation import t_interval
 
 GENERATORS = ("ace", "proto-cf", "pgd")
 _A, _P = ACEParams(), ProtoCFParams()
@@ -86,6 +95,7 @@ class CounterfactualParams:
     proto_ae_epochs: int = param(_P.ae_epochs, "proto-cf: autoencoder epochs", ge=1)
     sparsity_tol: float = param(0.5 / 255, "a pixel counts as changed when |x_cf - x| exceeds this", ge=0)
     n_images: int = param(8, "example images per generator in the report", ge=0)
+    fd_bootstrap: int = param(200, "bootstrap resamples of the Frechet-distance interval (0: none)", ge=0)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -132,6 +142,36 @@ def frechet_distance(features: nn.Module, real: torch.Tensor, fake: torch.Tensor
         return float(fid.compute())
 
 
+def _fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+
+    mu = a.mean(0) - b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    return float(mu @ mu + np.trace(s1 + s2 - 2 * np.real(covmean)))
+
+
+@torch.no_grad()
+def fd_bootstrap(features: nn.Module, real: torch.Tensor, fake: torch.Tensor, n_boot: int = 200, seed: int = 0,
+                 confidence: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile-bootstrap interval of the Fréchet distance between paired sets (``fake[i]`` is
+    the counterfactual of ``real[i]``): the same instances resampled on both sides, float64
+    features, scipy's ``sqrtm``.  (None, None) for ``n_boot = 0``."""
+    if n_boot == 0:
+        return None, None
+    fr = torch.cat([features(real[i:i + 256]) for i in range(0, len(real), 256)]).double().cpu().numpy()
+    ff = torch.cat([features(fake[i:i + 256]) for i in range(0, len(fake), 256)]).double().cpu().numpy()
+    rng = np.random.default_rng(seed)
+    stats = []
+    with warnings.catch_warnings():   # fewer instances than features: singular covariances (as in the point estimate)
+        warnings.simplefilter("ignore")
+        for _ in range(n_boot):
+            i = rng.integers(0, len(fr), len(fr))
+            stats.append(_fd_from_features(fr[i], ff[i]))
+    lo, hi = np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
+
+
 @torch.no_grad()
 def cout(model: nn.Module, x: torch.Tensor, x_cf: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
          steps: int = 50) -> torch.Tensor:
@@ -161,6 +201,19 @@ def distances(x: torch.Tensor, x_cf: torch.Tensor, tol: float) -> dict[str, torc
             "sparsity": (d.abs() <= tol).double().mean(1)}
 
 
+def paired_differences(per: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """``counterfactual.<a>.<metric>_minus_<b>``: per-instance differences (same instances) of L1,
+    L2, Linf and sparsity with Student-t intervals, for ace / ace.pre / proto-cf against pgd and
+    ace against its pre-explanation."""
+    pairs = [(a, "pgd") for a in ("ace", "ace.pre", "proto-cf") if a in per and "pgd" in per]
+    pairs += [("ace", "ace.pre")] if "ace" in per and "ace.pre" in per else []
+    out: dict[str, Any] = {}
+    for a, b in pairs:
+        for k in ("l1", "l2", "linf", "sparsity"):
+            out[f"counterfactual.{a}.{k}_minus_{b.replace('.', '_')}"] = t_interval((per[a][k] - per[b][k]).numpy())
+    return out
+
+
 # -- the evaluator ------------------------------------------------------------------------------
 
 class CounterfactualQuality(Evaluator):
@@ -169,10 +222,10 @@ class CounterfactualQuality(Evaluator):
     name = "counterfactual"
     description = ("counterfactual quality of ace / proto-cf / plain PGD: flip rate, L1/L2/Linf, sparsity, "
                    "Frechet distance in a locally trained classifier's features, COUT")
-    version = 1
+    version = 2
     Params = CounterfactualParams
     contract_params = {"generators": "pgd,proto-cf", "n_examples": 8, "ace_iterations": 3, "proto_steps": 3,
-                       "proto_c_steps": 1, "proto_ae_epochs": 1, "n_images": 2}
+                       "proto_c_steps": 1, "proto_ae_epochs": 1, "n_images": 2, "fd_bootstrap": 10}
 
     def _feature_classifier(self, ctx: EvalContext, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
         from ..defenses.base import FitContext, compose
@@ -243,31 +296,40 @@ class CounterfactualQuality(Evaluator):
                   "CFs against the explained originals",
         }
         ctx.model.eval()
+        per: dict[str, dict[str, torch.Tensor]] = {}
         for g in p.generators:
             t0 = time.perf_counter()
             out = self._generate(g, ctx, x, t)
             secs = time.perf_counter() - t0
-            metrics.update(self._measure(g, ctx, feats, x, out["x"], c, t))
+            m, per[g] = self._measure(g, ctx, feats, x, out["x"], c, t)
+            metrics.update(m)
             metrics[f"counterfactual.{g}.seconds"] = secs
             if g == "ace":
-                pre = self._measure("ace.pre", ctx, feats, x, out["x_pe"], c, t, with_cout=False)
+                pre, per["ace.pre"] = self._measure("ace.pre", ctx, feats, x, out["x_pe"], c, t, with_cout=False)
                 metrics.update({k: v for k, v in pre.items() if k.rsplit(".", 1)[1] in ("flip_rate", "l1", "fd")})
-                metrics["counterfactual.ace.mask_fraction"] = float(out["mask"].double().mean())
+                metrics["counterfactual.ace.mask_fraction"] = t_interval(out["mask"].double().flatten(1).mean(1))
             if p.n_images:
                 k = min(p.n_images, n)
                 ex = {"clean": x[:k], "adv": out["x"][:k], "y": t[:k]}
                 if "x_pe" in out and g == "ace":
                     ex["pre"] = out["x_pe"][:k]
                 ctx.examples[f"counterfactual-{g}"] = ex
+        metrics.update(paired_differences(per))
         return EvalResult(metrics=metrics, notes=notes)
 
-    def _measure(self, g, ctx, feats, x, x_cf, c, t, with_cout: bool = True) -> dict[str, Any]:
+    def _measure(self, g, ctx, feats, x, x_cf, c, t, with_cout: bool = True
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Metrics of one generator (means with Student-t intervals, FD with a bootstrap
+        interval) and the per-instance values behind them (for paired differences)."""
         ns = f"counterfactual.{g}."
         pred = predict(ctx.model, x_cf, ctx.device).argmax(1)
         out: dict[str, Any] = {ns + "flip_rate": proportion(int((pred == t).sum()), len(x))}
-        out.update({ns + k: float(v.mean()) for k, v in distances(x, x_cf, self.params.sparsity_tol).items()})
-        out[ns + "fd"] = frechet_distance(feats, x, x_cf)
+        per = distances(x, x_cf, self.params.sparsity_tol)
         if with_cout:
             dev = ctx.device
-            out[ns + "cout"] = float(cout(ctx.model, x.to(dev), x_cf.to(dev), c.to(dev), t.to(dev)).mean())
-        return out
+            per["cout"] = cout(ctx.model, x.to(dev), x_cf.to(dev), c.to(dev), t.to(dev))
+        out.update({ns + k: t_interval(v.numpy()) for k, v in per.items()})
+        lo, hi = fd_bootstrap(feats, x, x_cf, self.params.fd_bootstrap, seed=ctx.seed)
+        out[ns + "fd"] = {"value": frechet_distance(feats, x, x_cf), "ci_low": lo, "ci_high": hi, "n": len(x),
+                          "method": "percentile bootstrap over instances"}
+        return out, per
