@@ -176,11 +176,17 @@ def test_dominated_row_gets_rank_two(tmp_path):
 def test_failed_runs_and_other_protocols_never_mixed(store):
     boards = build(store, None)
     names = sorted(b.name for b in boards)
-    # two digits protocols share the base name (differ only in the membership protocol) -> hashed
+    # every name is <dataset>-<model>-<norm>-<eps>-<first 8 hex digits of the protocol id>: two
+    # digits protocols that differ only in the membership protocol get different names
     assert len(boards) == 4
-    assert "digits-cnn8-Linf-0.2" in names and "fashion-mnist-cnn28-Linf-0.1" in names
+    assert names == sorted(f"{base}-{b.protocol_id[:8]}" for b in boards for base in [
+        "-".join(b.name.split("-")[:-1])])
+    assert {n.rsplit("-", 1)[0] for n in names} == {"digits-cnn8-Linf-0.1", "digits-cnn8-Linf-0.2",
+                                                     "fashion-mnist-cnn28-Linf-0.1"}
     hashed = [n for n in names if n.startswith("digits-cnn8-Linf-0.1-")]
     assert len(hashed) == 2 and all(len(n.rsplit("-", 1)[1]) == 8 for n in hashed)
+    for b in boards:
+        assert b.name.endswith("-" + protocol_id(b.protocol)[:8])
     for lb in boards:
         pids = set()
         for rid in " ".join(lb.rows["run_ids"]).split():
@@ -279,12 +285,12 @@ def test_strongest_attack():
 
 def test_files_are_headed_by_protocol_and_command(store, tmp_path):
     code = main(["leaderboard", "--dataset", "digits", "--runs", str(store), "--out", str(tmp_path / "lb"),
-                 "--quiet"])
+                 "--quiet", "--no-reports"])
     assert code == 0
     cmd = f"cfbench leaderboard --dataset digits --runs {store} --out {tmp_path / 'lb'}"
     files = sorted((tmp_path / "lb").iterdir())
-    assert {p.suffix for p in files} == {".md", ".csv", ".json", ".html"}
-    assert len(files) == 4 * 3  # three digits protocols
+    assert {p.suffix for p in files} == {".md", ".csv", ".json", ".html", ".tex"}
+    assert len(files) == 5 * 3  # three digits protocols
     for p in files:
         text = p.read_text(encoding="utf-8")
         assert cmd in text, p
@@ -317,10 +323,21 @@ def test_script_in_defense_name_is_text(tmp_path):
     [lb] = build(runs)
     paths = write(lb, tmp_path / "lb")
     html = paths["html"].read_text()
-    assert "<script" not in html.lower()
+    assert only_our_script(html)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     md = paths["md"].read_text()
     assert "<script" not in md and "&lt;script&gt;" in md
+
+
+def only_our_script(html: str) -> bool:
+    """The page's one script is the sorting script the CSP allows by hash; nothing else runs."""
+    import re
+
+    from cfbench.present.writers import SORT_SCRIPT, script_hash
+
+    scripts = re.findall(r"<script\b[^>]*>(.*?)</script>", html, flags=re.S | re.I)
+    return (scripts == [SORT_SCRIPT] and html.lower().count("<script") == 1
+            and f"script-src {script_hash(SORT_SCRIPT)}" in html)
 
 
 def test_cli_errors(store, tmp_path, capsys):

@@ -15,12 +15,24 @@ from ..errors import UsageError
 from ..store import RECORD
 from .html import write_html
 from .leaderboard import build, command_for
-from .writers import to_markdown, write
+from .writers import to_markdown, write_tables
 
 
 # ---------------------------------------------------------------------------- leaderboard
+def _defenses(arg: str | None) -> list[str] | None:
+    if arg is None:
+        return None
+    names = [d.strip() for d in arg.split(",")]
+    if not all(names):
+        raise UsageError(f"--defense {arg!r} has an empty name; give comma-separated defense names, e.g. "
+                         "--defense erm,pgd-at.")
+    return sorted(set(names))
+
+
 def cmd_leaderboard(args) -> int:
-    boards = build(args.runs, args.dataset, runs_label=args.runs, include_flagged=args.include_flagged)
+    defenses = _defenses(args.defense)
+    boards = build(args.runs, args.dataset, runs_label=args.runs, include_flagged=args.include_flagged,
+                   defenses=defenses)
     unusable = boards[0].unusable if boards else []
     if unusable:  # the same files are listed in every table: warn once
         print(f"warning: {len(unusable)} record file{'s' if len(unusable) != 1 else ''} under {args.runs} could "
@@ -28,12 +40,19 @@ def cmd_leaderboard(args) -> int:
         for e in unusable:
             print(f"  {e['path']}: {e['reason']}", file=sys.stderr)
     for lb in boards:
-        lb.command = command_for(lb.dataset, args.runs, args.out, include_flagged=args.include_flagged)
-        paths = write(lb, args.out)
+        lb.command = command_for(lb.dataset, args.runs, args.out, include_flagged=args.include_flagged,
+                                 defenses=defenses)
+    if not args.no_reports:  # every row links to its runs' reports: (re)write them first
+        from .report import write_run_reports
+
+        write_run_reports(boards)
+    all_paths, _ = write_tables(boards, args.out, runs=args.runs, dataset=args.dataset, defenses=defenses,
+                                force=args.force)
+    for lb, paths in zip(boards, all_paths):
         if not args.quiet:
             print(to_markdown(lb))
         failed = len(lb.excluded) - len(lb.unusable)
-        print(f"wrote {paths['md']} (.csv .json .html): {len(lb.rows)} rows from {len(lb.records)} runs"
+        print(f"wrote {paths['md']} (.csv .json .html .tex): {len(lb.rows)} rows from {len(lb.records)} runs"
               + (f"; {failed} failed/unfinished excluded" if failed else "")
               + (f"; {len(lb.unusable)} unusable record files left out" if lb.unusable else ""))
     return 0
@@ -54,7 +73,7 @@ def _resolve_run(arg: str, runs: str | None) -> Path:
 
 def cmd_report(args) -> int:
     # imported here: matplotlib loads only when a report is written, not for every command
-    from .report import leaderboard_report, run_report
+    from .report import leaderboard_report, resolve_leaderboard, run_report
 
     if bool(args.run) == bool(args.leaderboard):
         raise UsageError("give either a run (directory or id) or --leaderboard NAME, not "
@@ -65,12 +84,12 @@ def cmd_report(args) -> int:
             parts += ["--leaderboards", args.leaderboards]
         if args.out:
             parts += ["--out", args.out]
-        html = leaderboard_report(args.leaderboard, leaderboards=args.leaderboards,
-                                  command=" ".join(shlex.quote(p) for p in parts))
-        # Only a real ``.json`` path loses its suffix: names such as digits-cnn8-Linf-0.1 contain dots.
-        lb_name = Path(args.leaderboard)
-        stem = lb_name.stem if lb_name.suffix == ".json" else lb_name.name
-        out = Path(args.out) if args.out else Path("reports") / f"leaderboard-{stem}.html"
+        path = resolve_leaderboard(args.leaderboard, args.leaderboards)
+        # the table's whole name: names such as digits-cnn8-Linf-0.1-<hash> contain dots
+        out = Path(args.out) if args.out else Path("reports") / f"leaderboard-{path.name[:-len('.json')]}.html"
+        html = leaderboard_report(str(path), leaderboards=args.leaderboards,
+                                  command=" ".join(shlex.quote(p) for p in parts), strict=args.strict,
+                                  warn=lambda m: print(f"warning: {m}", file=sys.stderr), out_dir=out.parent)
     else:
         run_dir = _resolve_run(args.run, args.runs)
         parts = ["cfbench", "report", str(run_dir)]
@@ -102,7 +121,8 @@ def add_subparsers(subparsers) -> None:
     p = subparsers.add_parser(
         "leaderboard", help="aggregate stored records into leaderboard tables",
         description="Aggregate the finished records under --runs that share a protocol (dataset, model, threat "
-                    "model, data split, evaluators) into tables: <out>/<name>.{md,csv,json,html}.",
+                    "model, data split, evaluators) into tables: <out>/<name>.{md,csv,json,html,tex}, <name> = "
+                    "<dataset>-<model>-<norm>-<eps>-<8 hex digits of the protocol id>.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default=None, help="only records of this dataset (default: every dataset)")
     p.add_argument("--runs", default="runs", help="directory of run folders (as written by `cfbench run --out`)")
@@ -111,6 +131,14 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--include-flagged", action="store_true",
                    help="rank rows with robustness sanity flags on the Pareto front too (they stay marked); "
                         "by default a flagged row is kept off the ranking")
+    p.add_argument("--defense", default=None, metavar="A,B",
+                   help="only rows of these defenses (comma-separated); the tables are named ...-only-A+B "
+                        "(default: every defense)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite table files of the same name that hold another protocol or come from another "
+                        "runs folder (refused by default)")
+    p.add_argument("--no-reports", action="store_true",
+                   help="do not (re)write <run-dir>/report.html of the tabulated runs (the HTML table links to them)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = subparsers.add_parser(
@@ -120,8 +148,12 @@ def add_subparsers(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", nargs="?", default=None, help="run directory (with record.json) or run id")
     p.add_argument("--leaderboard", default=None, metavar="NAME",
-                   help="report on leaderboard NAME (a file stem in --leaderboards, or a path to its .json)")
+                   help="report on leaderboard NAME (a file stem in --leaderboards, its name without the protocol hash "
+                        "when only one protocol has it, or a path to its .json)")
     p.add_argument("--leaderboards", default="leaderboards", help="directory of leaderboards")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (exit 2) to render a leaderboard whose runs have changed since it was built "
+                        "(default: render it with a warning banner)")
     p.add_argument("--runs", default=None,
                    help="directory of run folders: where a run id is looked up and where the runs compared with "
                         "this one are found (default: the run directory's parent)")

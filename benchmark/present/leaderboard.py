@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, suggest
 from ..hashing import canonical_hash, canonical_json
 from ..store import RECORD, StoreIssues, iter_records
 from .format import ci, fmt_eps, num
@@ -98,6 +98,28 @@ CSV_NAMES = {
 }
 #: columns with an interval / with attack names (besides clean, robust, auc, tpr)
 PRIMARY_COLS = ("ptpr1", "ptpr01")
+#: the columns that carry a 95% interval
+INTERVAL_COLS = ("clean", "robust", "auc", "tpr", *PRIMARY_COLS)
+CONFIDENCE = 0.95
+#: the one sentence that says what every bracket / error bar is (tables, captions, figures)
+INTERVAL_TEXT = ("Brackets and error bars are 95% intervals: for a row with one run, that run's own "
+                 "interval (Clopper-Pearson for rates, the record's interval for AUC); for a row with several "
+                 "training seeds, a Student-t interval of the mean over the seeds (n - 1 degrees of freedom; "
+                 "it reflects seed-to-seed variation, not test-set sampling), clipped to [0, 1].")
+
+
+def seed_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student-t interval of the mean of per-seed values (``len >= 2``), clipped to [0, 1]."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    if n < 2:
+        return math.nan, math.nan
+    m, se = float(v.mean()), float(v.std(ddof=1)) / math.sqrt(n)
+    h = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    return max(0.0, m - h), min(1.0, m + h)
 
 
 # ------------------------------------------------------------------------------ protocol
@@ -134,6 +156,23 @@ def base_name(protocol: Mapping[str, Any]) -> str:
     th = protocol.get("threat") or {}
     raw = f"{ds}-{model}-{th.get('norm', 'unknown')}-{fmt_eps(th.get('eps'))}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
+
+
+#: hex digits of the protocol id in a leaderboard's name
+NAME_HASH = 8
+
+
+def table_name(protocol: Mapping[str, Any], defenses: Sequence[str] | None = None) -> str:
+    """A table's file stem: ``<dataset>-<model>-<norm>-<eps>-<8 hex digits of the protocol id>``,
+    plus ``-only-<d1>+<d2>`` for a table restricted to some defenses (``--defense``).
+
+    The hash is always there, so a name identifies one protocol whatever else a folder holds,
+    and rebuilding gives the same name (names of committed leaderboards: never change it)."""
+    name = f"{base_name(protocol)}-{protocol_id(protocol)[:NAME_HASH]}"
+    if defenses:
+        name += "-only-" + "+".join("".join(c if c.isalnum() or c in "-_." else "_" for c in d)
+                                     for d in sorted(set(defenses)))
+    return name
 
 
 def describe_protocol(protocol: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -304,6 +343,11 @@ class Leaderboard:
     runs: str = "runs"
     #: flagged rows ranked with the others (``--include-flagged``); default: kept off the front
     include_flagged: bool = False
+    #: the defenses the table is restricted to (``--defense``), None for all
+    defenses: list[str] | None = None
+    #: sha256 over the records the table was built from (id, config hash, created, status): a
+    #: rebuild from the same runs that gives another digest means this table is stale
+    source_digest: str | None = None
 
     @property
     def dataset(self) -> str:
@@ -351,6 +395,7 @@ class Leaderboard:
                     row[f"{c}_ci_high"] = num(e.get("ci_high"))
                 if c in ("auc", "tpr", *PRIMARY_COLS):
                     row[f"{c}_attack"] = ", ".join(e.get("attacks") or [])
+            row["interval"] = r.get("interval") or ("run" if row["seeds"] <= 1 else f"t over {row['seeds']} seeds")
             rows.append(row)
         df = pd.DataFrame(rows)
         leakage = obj.get("leakage")
@@ -363,7 +408,9 @@ class Leaderboard:
                    command=obj["command"], rows=df, records=records, robust_source=obj.get("robust_source"),
                    leakage=leakage, pareto_axes=list(obj.get("pareto_axes") or []),
                    excluded=list(obj.get("excluded") or []), runs=obj.get("runs") or "runs",
-                   include_flagged=bool(obj.get("include_flagged")))
+                   include_flagged=bool(obj.get("include_flagged")),
+                   defenses=((obj.get("filters") or {}).get("defenses") or None),
+                   source_digest=(obj.get("source") or {}).get("digest"))
 
     def pareto_text(self) -> str:
         if not self.pareto_axes:
@@ -406,9 +453,18 @@ def _labels(groups: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
+def source_digest(records: Iterable[Mapping[str, Any]], excluded: Iterable[Mapping[str, Any]] = ()) -> str:
+    """What a table was built from, as one hash: every record's run id, config hash, creation
+    time and status (and the excluded runs').  Another digest from the same runs: stale."""
+    items = sorted([str(r.get("run_id")), str(r.get("config_hash")), str(r.get("created")), str(r.get("status"))]
+                   for r in records)
+    items += sorted([str(e.get("run_id") or e.get("path")), "", "", str(e.get("status"))] for e in excluded)
+    return canonical_hash(items)
+
+
 def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", command: str | None = None,
               name: str | None = None, excluded: Sequence[Mapping[str, Any]] = (),
-              include_flagged: bool = False) -> Leaderboard:
+              include_flagged: bool = False, defenses: Sequence[str] | None = None) -> Leaderboard:
     """One leaderboard from records that share one protocol (a :class:`UsageError` if not)."""
     import numpy as np
     import pandas as pd
@@ -445,9 +501,18 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
             row[f"{c}_mean"] = float(finite.mean()) if len(finite) else math.nan
             row[f"{c}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
             row[f"{c}_n"] = int(len(finite))
-        for c in ("clean", "robust", "auc", "tpr", *PRIMARY_COLS):
-            row[f"{c}_ci_low"] = float(g[f"{c}_lo"].min()) if g[f"{c}_lo"].notna().any() else math.nan
-            row[f"{c}_ci_high"] = float(g[f"{c}_hi"].max()) if g[f"{c}_hi"].notna().any() else math.nan
+        for c in INTERVAL_COLS:
+            vals = g[c].astype(float)
+            finite = vals[~vals.isna()]
+            if len(finite) >= 2:   # several seeds: Student-t interval of the mean over seeds
+                row[f"{c}_ci_low"], row[f"{c}_ci_high"] = seed_interval(finite.to_numpy())
+            elif len(finite) == 1:  # one run: the run's own interval
+                one = g.loc[finite.index]
+                row[f"{c}_ci_low"] = float(one[f"{c}_lo"].iloc[0])
+                row[f"{c}_ci_high"] = float(one[f"{c}_hi"].iloc[0])
+            else:
+                row[f"{c}_ci_low"] = row[f"{c}_ci_high"] = math.nan
+        row["interval"] = "run" if row["seeds"] <= 1 else f"t over {row['seeds']} seeds"
         for c in ("auc", "tpr", *PRIMARY_COLS):
             attacks = [a for a in g[f"{c}_attack"] if isinstance(a, str)]
             row[f"{c}_attack"] = ", ".join(sorted(set(attacks), key=attacks.index))
@@ -488,11 +553,14 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
     out = out.sort_values(sort_cols, ascending=asc, na_position="last", kind="stable").reset_index(drop=True)
 
     ds = (protocol.get("dataset") or {}).get("name", "")
-    cmd = command or command_for(str(ds), str(runs), include_flagged=include_flagged)
-    return Leaderboard(name=name or base_name(protocol), protocol=protocol, protocol_id=protocol_id(protocol),
+    defenses = sorted(set(defenses)) if defenses else None
+    cmd = command or command_for(str(ds), str(runs), include_flagged=include_flagged, defenses=defenses)
+    return Leaderboard(name=name or table_name(protocol, defenses), protocol=protocol,
+                       protocol_id=protocol_id(protocol),
                        command=cmd, rows=out, records=df, robust_source=robust_source, leakage=leakage,
                        pareto_axes=[a for a, _, _ in axes], excluded=list(excluded), runs=str(runs),
-                       include_flagged=include_flagged)
+                       include_flagged=include_flagged, defenses=defenses,
+                       source_digest=source_digest(records, [e for e in excluded if e.get("status") != UNUSABLE]))
 
 
 # ------------------------------------------------------------------------------ loading
@@ -580,38 +648,56 @@ def group_by_protocol(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Ma
     return groups
 
 
+def _defense_name(rec: Mapping[str, Any]) -> str:
+    return str(((rec.get("config") or {}).get("defense") or {}).get("name"))
+
+
 def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: str | None = None,
-          include_flagged: bool = False) -> list[Leaderboard]:
-    """Every leaderboard of the records under ``runs`` (one per protocol), named uniquely.
+          include_flagged: bool = False, defenses: Sequence[str] | None = None) -> list[Leaderboard]:
+    """Every leaderboard of the records under ``runs`` (one per protocol), each named by
+    :func:`table_name` (unique per protocol and stable).  ``defenses`` restricts the tables to
+    these defenses (a name no record of the build has is a :class:`UsageError` naming the ones
+    there); such a table's name ends in ``-only-<defenses>``.
 
     Unusable record files are listed in the excluded entries of every table built."""
     ok, excluded = load_records(runs, dataset)
     unusable = [e for e in excluded if e.get("status") == UNUSABLE]
     excluded = [e for e in excluded if e.get("status") != UNUSABLE]
+    if defenses:
+        defenses = sorted({d.strip() for d in defenses})
+        present = sorted({_defense_name(r) for r in ok + excluded})
+        missing = [d for d in defenses if d not in present]
+        if missing or not all(defenses):
+            bad = missing[0] if missing else ""
+            raise UsageError(f"--defense {bad!r}: no record of that defense under {str(runs)!r}"
+                             + (f" for dataset {dataset!r}" if dataset else "") + "."
+                             + suggest(bad, present))
+        keep = set(defenses)
+        ok = [r for r in ok if _defense_name(r) in keep]
+        excluded = [r for r in excluded if _defense_name(r) in keep]
     groups = group_by_protocol(ok)
     if not groups:
         raise UsageError(f"no finished runs under {str(runs)!r}"
                          + (f" for dataset {dataset!r}" if dataset else "")
+                         + (f" of defense {', '.join(defenses)}" if defenses else "")
                          + f" ({len(excluded)} failed or unfinished); nothing to tabulate."
                          + _unusable_text(unusable))
     bad = group_by_protocol(excluded)
-    names: dict[str, list[str]] = {}
-    for pid, recs in groups.items():
-        names.setdefault(base_name(protocol_of(recs[0])), []).append(pid)
     boards = []
-    for base, pids in sorted(names.items()):
-        for pid in sorted(pids):
-            name = base if len(pids) == 1 else f"{base}-{pid[:8]}"
-            exc = [{"run_id": r.get("run_id"), "status": r.get("status"), "reason": r.get("reason")}
-                   for r in bad.get(pid, [])] + [dict(e) for e in unusable]
-            boards.append(aggregate(groups[pid], runs=runs_label or str(runs), name=name, excluded=exc,
-                                    include_flagged=include_flagged))
+    for pid in sorted(groups, key=lambda p: (table_name(protocol_of(groups[p][0]), defenses), p)):
+        exc = [{"run_id": r.get("run_id"), "status": r.get("status"), "reason": r.get("reason")}
+               for r in bad.get(pid, [])] + [dict(e) for e in unusable]
+        boards.append(aggregate(groups[pid], runs=runs_label or str(runs), excluded=exc,
+                                include_flagged=include_flagged, defenses=defenses))
     return boards
 
 
-def command_for(dataset: str, runs: str, out: str = "leaderboards", include_flagged: bool = False) -> str:
+def command_for(dataset: str, runs: str, out: str = "leaderboards", include_flagged: bool = False,
+                defenses: Sequence[str] | None = None) -> str:
     """The exact command that rebuilds the tables of one dataset."""
     parts = ["cfbench", "leaderboard", "--dataset", dataset, "--runs", runs]
+    if defenses:
+        parts += ["--defense", ",".join(sorted(set(defenses)))]
     if out != "leaderboards":
         parts += ["--out", out]
     if include_flagged:

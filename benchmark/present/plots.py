@@ -52,33 +52,71 @@ def data_uri(fig: Figure) -> str:
 
 
 # ---------------------------------------------------------------------------------- ROC
-def roc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
-               n_nonmembers: int | None = None, title: str = "membership inference ROC") -> str:
-    """ROC curves on log-log axes, one line per attack, with the chance line TPR = FPR.
+#: the FPRs marked with a grey vertical line on ROC plots (only those inside the x axis)
+FPR_GUIDES = (1e-2, 1e-3, 1e-4)
 
-    Points with FPR = 0 or TPR = 0 cannot be drawn on log axes and are dropped (the
-    down-sampled curves stored in records already omit FPR = 0).  The x axis starts at
-    ``1 / n_nonmembers`` when that is known: below it the data say nothing.
+
+def fpr_guides(lo: float) -> list[float]:
+    """The guide FPRs that lie inside an x axis starting at ``lo``: the ones a caption may name."""
+    return [x for x in FPR_GUIDES if x >= lo]
+
+
+def merge_identical(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> dict[str, list[str]]:
+    """Curves that are point-for-point identical (e.g. attacks whose scores are monotone
+    transforms of each other): first name -> every name with that curve, in input order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, (fpr, tpr) in curves.items():
+        key = (tuple(np.round(np.asarray(fpr, dtype=float), 12)), tuple(np.round(np.asarray(tpr, dtype=float), 12)))
+        groups.setdefault(key, []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+def roc_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+             n_nonmembers: int | None = None, title: str = "membership inference ROC",
+             primary: str | None = None) -> dict[str, Any]:
+    """ROC curves on log-log axes, with the chance line TPR = FPR; returns ``{img, lo, guides,
+    groups, primary}``.
+
+    Identical curves are drawn once, with one legend entry naming all of them (``groups``:
+    first name -> names).  ``primary`` (an attack name, or a key of ``curves``) is drawn thick
+    and black on top of the others, first in the legend; the rest are thinner.  Points with FPR
+    = 0 or TPR = 0 cannot be drawn on log axes and are dropped.  The x axis starts at ``1 /
+    n_nonmembers`` when that is known (below it the data say nothing); grey verticals mark the
+    guide FPRs inside the axis (``guides``: the caption names only these).
     """
     from matplotlib import colormaps
+    from matplotlib.lines import Line2D
 
-    many = len(curves) > 6
-    fig = Figure(figsize=(8.4 if many else 6.2, 4.8))
+    groups = merge_identical(curves)
+    main = next((k for k, names in groups.items() if primary is not None and primary in names), None)
+    many = len(groups) > 6
+    fig = Figure(figsize=(8.6 if many else 6.4, 4.8))
     ax = fig.add_subplot()
     lo = 1.0 / n_nonmembers if n_nonmembers else None
     smallest = []
-    cmap = colormaps["tab20" if len(curves) > 10 else "tab10"]
-    for i, (name, (fpr, tpr)) in enumerate(curves.items()):
+    others = [k for k in groups if k != main]
+    cmap = colormaps["tab20" if len(others) > 10 else "tab10"]
+    handles = []
+    for i, key in enumerate(others + ([main] if main else [])):
+        fpr, tpr = curves[key]
         f = np.asarray(fpr, dtype=float)
         t = np.asarray(tpr, dtype=float)
         keep = (f > 0) & (t > 0)
         if not keep.any():
             continue
         smallest.append(f[keep].min())
-        ax.plot(f[keep], t[keep], ("-", "--", "-.")[(i // cmap.N) % 3], lw=1.3, color=cmap(i % cmap.N),
-                label=plain(name), drawstyle="steps-post")
+        label = " = ".join(plain(n) for n in groups[key])
+        if key == main:
+            (line,) = ax.plot(f[keep], t[keep], "-", lw=2.8, color="black", zorder=5, drawstyle="steps-post",
+                              label=f"primary: {label}")
+            handles.insert(0, line)
+        else:
+            (line,) = ax.plot(f[keep], t[keep], ("-", "--", "-.")[(i // cmap.N) % 3], lw=1.1, alpha=0.85,
+                              color=cmap(i % cmap.N), drawstyle="steps-post", label=label)
+            handles.append(line)
     lo = lo or (min(smallest) if smallest else 1e-3)
-    ax.plot([lo, 1], [lo, 1], ":", color="black", lw=1, label="chance")
+    ax.plot([lo, 1], [lo, 1], ":", color="black", lw=1)
+    handles.append(Line2D([], [], ls=":", color="black", lw=1, label="chance"))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, 1)
@@ -87,13 +125,57 @@ def roc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
     ax.set_ylabel("true-positive rate")
     ax.set_title(plain(title))
     ax.grid(True, which="major", alpha=0.3)
-    for x in (1e-2, 1e-3):
-        if x >= lo:
-            ax.axvline(x, color="#bbbbbb", lw=0.8, zorder=0)
+    guides = fpr_guides(lo)
+    for x in guides:
+        ax.axvline(x, color="#bbbbbb", lw=0.8, zorder=0)
     if many:  # beside the axes: inside, a long legend hides the low-FPR region
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     else:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+    return {"img": data_uri(fig), "lo": lo, "guides": guides, "groups": groups, "primary": main}
+
+
+def roc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+               n_nonmembers: int | None = None, title: str = "membership inference ROC",
+               primary: str | None = None) -> str:
+    """:func:`roc_plot`'s image only."""
+    return roc_plot(curves, n_nonmembers=n_nonmembers, title=title, primary=primary)["img"]
+
+
+def guides_text(guides: Sequence[float]) -> str:
+    """'Grey verticals: 1% and 0.1% FPR.' for the guides actually drawn ('' if none)."""
+    if not guides:
+        return ""
+    names = [f"{100 * g:g}%" for g in guides]
+    return "Grey vertical" + ("s" if len(names) > 1 else "") + ": " + " and ".join(
+        [", ".join(names[:-1]), names[-1]] if len(names) > 1 else names) + " FPR."
+
+
+# ------------------------------------------------------------------------------- scores
+def score_histogram(member: np.ndarray, nonmember: np.ndarray, *, attack: str, bins: int = 50) -> str | None:
+    """Member vs non-member score histograms of one attack (densities on shared bins; the
+    range is the 0.5-99.5 percentile of all finite scores, outliers counted in the end bins)."""
+    m = np.asarray(member, dtype=float)
+    n = np.asarray(nonmember, dtype=float)
+    m, n = m[np.isfinite(m)], n[np.isfinite(n)]
+    if len(m) == 0 or len(n) == 0:
+        return None
+    both = np.concatenate([m, n])
+    lo, hi = np.percentile(both, [0.5, 99.5])
+    if not hi > lo:
+        lo, hi = float(both.min()) - 0.5, float(both.max()) + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    fig = Figure(figsize=(6.2, 3.4))
+    ax = fig.add_subplot()
+    for vals, color, label in ((n, "#1f77b4", f"non-members (n = {len(n)})"), (m, "#d62728", f"members (n = {len(m)})")):
+        ax.hist(np.clip(vals, lo, hi), bins=edges, density=True, histtype="stepfilled", alpha=0.35, color=color,
+                label=label)
+        ax.hist(np.clip(vals, lo, hi), bins=edges, density=True, histtype="step", lw=1.2, color=color)
+    ax.set_xlabel(f"{plain(attack)} score (higher = more likely a member)")
+    ax.set_ylabel("density")
+    ax.set_title(f"membership scores: {plain(attack)}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     return data_uri(fig)
 
 
@@ -121,13 +203,18 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
     Pareto front: flagged rows unless the table includes them).  Points without both values
     are left out and listed under the plot by the caller.
     """
-    fig = Figure(figsize=(6.2, 4.6))
-    ax = fig.add_subplot()
+    import textwrap
+
+    fig = Figure(figsize=(8.2, 4.6))
+    ax = fig.add_axes((0.09, 0.12, 0.56, 0.78))
     sx = 100.0 if percent_x else 1.0
     sy = 100.0 if percent_y else 1.0
     shown = [p for p in points if isfinite(p.get(x)) and isfinite(p.get(y))]
     seen_families: set[str] = set()
-    for p in shown:
+    key_lines = []
+    # numbers beside the points (short: they do not collide like long labels), alternating offsets
+    offsets = [(5, 4), (5, -11), (-11, 4), (-11, -11)]
+    for num_i, p in enumerate(shown, start=1):
         fam = p.get("family") or "other"
         if fam not in FAMILY_COLORS:
             fam = "other"
@@ -154,7 +241,9 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
         eps = p.get("epsilon")
         if eps is not None:
             text += f"  ε={'∞' if eps == math.inf else format(eps, '.3g')}"
-        ax.annotate(text, (px, py), textcoords="offset points", xytext=(6, 5), fontsize=7.5)
+        ax.annotate(str(num_i), (px, py), textcoords="offset points", xytext=offsets[(num_i - 1) % 4],
+                    fontsize=8, fontweight="bold", color="crimson" if p.get("highlight") else "black")
+        key_lines.append(textwrap.fill(f"{num_i}  {text}", 38, subsequent_indent="     "))
     ranked = [p for p in shown if not p.get("off_front")]
     idx = pareto_front_2d([p[x] for p in ranked], [p[y] for p in ranked], maximize_x, maximize_y)
     if len(idx) >= 1:
@@ -171,6 +260,7 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
     ax.margins(0.12)
     if shown:
         ax.legend(fontsize=7, loc="best")
+        fig.text(0.67, 0.90, "\n".join(key_lines), va="top", ha="left", fontsize=7.5, family="monospace")
     return data_uri(fig)
 
 

@@ -35,6 +35,7 @@ from . import plots
 from .format import fmt_epsilon, fmt_plain, fmt_rate, fmt_seconds, isfinite, num
 from .html import render_template, write_html
 from .leaderboard import (
+    INTERVAL_TEXT,
     LEAKAGE_FPR,
     Leaderboard,
     aggregate,
@@ -65,11 +66,22 @@ def _cards(rec: Mapping[str, Any]) -> list[dict[str, str]]:
                       "sub": " ".join(x for x in (interval and f"95% CI {interval}", sub) if x)})
 
     card("clean accuracy", m.get("clean.accuracy"))
+    flags = _flags_by_evaluator(rec)
+    aa_notes = (rec.get("notes") or {}).get("robust.autoattack") or {}
     if "robust.autoattack.accuracy" in m:
         n = m.get("robust.autoattack.n")
-        card("AutoAttack accuracy", m.get("robust.autoattack.accuracy"), sub=f"n = {n}" if n else "")
+        marks = flags.get("autoattack", []) + [f for f in flags.get("*", [])]
+        card("AutoAttack accuracy", m.get("robust.autoattack.accuracy"),
+             sub=" ".join(x for x in (f"n = {n}" if n else "",
+                                      ("⚑ " + ", ".join(marks)) if marks else "",
+                                      (f"⚑ {len(aa_notes.get('flags'))} AutoAttack warning"
+                                       f"{'s' if len(aa_notes.get('flags')) != 1 else ''}")
+                                      if aa_notes.get("flags") and not marks else "") if x))
+        cards[-1]["flagged"] = bool(marks or aa_notes.get("flags"))
     if "robust.pgd.accuracy" in m:
-        card("PGD accuracy", m.get("robust.pgd.accuracy"))
+        marks = flags.get("pgd", []) + flags.get("*", [])
+        card("PGD accuracy", m.get("robust.pgd.accuracy"), sub=("⚑ " + ", ".join(marks)) if marks else "")
+        cards[-1]["flagged"] = bool(marks)
     auc = strongest(m, "auc")
     tpr = strongest(m, f"tpr_at_fpr.{LEAKAGE_FPR}")
     if any(k.startswith("mia.") for k in m):
@@ -105,6 +117,21 @@ def _cards(rec: Mapping[str, Any]) -> list[dict[str, str]]:
                   "sub": f"evaluation {fmt_seconds(eval_seconds(t))}"})
     cards.append({"label": "total time", "value": fmt_seconds(num(t.get("total"))), "sub": ""})
     return cards
+
+
+def _flags_by_evaluator(rec: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Sanity-flag names per evaluator that raised them (``"*"``: flags of other robustness
+    evaluators, e.g. the attack zoo, which question every robust number)."""
+    out: dict[str, list[str]] = {}
+    for f in rec.get("flags") or []:
+        if not isinstance(f, Mapping) or not isinstance(f.get("name"), str):
+            continue
+        evs = [str(e).removeprefix("robust.") for e in (f.get("evaluators") or [])]
+        hit = [e for e in evs if e in ("autoattack", "pgd")] or ["*"]
+        for e in hit:
+            if f["name"] not in out.setdefault(e, []):
+                out[e].append(f["name"])
+    return out
 
 
 def _provenance(rec: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,11 +205,119 @@ def _mia(rec: Mapping[str, Any]) -> dict[str, Any] | None:
     curves = {a: (c.get("fpr") or [], c.get("tpr") or []) for a, c in roc.items() if isinstance(c, Mapping)}
     proto = notes.get("protocol") or {}
     n_out = proto.get("n_nonmembers") or proto.get("nonmembers")
-    img = plots.roc_figure(curves, n_nonmembers=n_out if isinstance(n_out, int) and n_out > 0 else None) \
-        if curves else None
-    return {"rows": rows, "best": best, "roc": img, "protocol": _flat(proto),
+    primary, why = primary_attack(rec)
+    plot = plots.roc_plot(curves, n_nonmembers=n_out if isinstance(n_out, int) and n_out > 0 else None,
+                          primary=primary) if curves else None
+    merged = [names for names in plot["groups"].values() if len(names) > 1] if plot else []
+    roc_caption = None
+    if plot:
+        roc_caption = ("ROC of each membership attack on log-log axes; the dotted line is chance. "
+                       + (f"Thick black: the primary attack, {primary} ({why}). " if plot["primary"] else "")
+                       + (f"Identical curves are drawn once, their names joined by '=' ({len(merged)} such "
+                          "group" + ("s" if len(merged) != 1 else "") + "). " if merged else "")
+                       + plots.guides_text(plot["guides"])
+                       + f" The x axis starts at {plot['lo']:.2g}"
+                       + (" = 1 / (number of non-members): below it the data say nothing." if n_out else "."))
+    for r in rows:
+        r["primary"] = r["attack"] == primary
+    return {"rows": rows, "best": best, "roc": plot["img"] if plot else None, "roc_caption": roc_caption,
+            "protocol": _flat(proto), "primary": primary, "primary_why": why,
             "fpr_labels": [f"TPR @ {num(f) * 100:g}% FPR %" for f in fprs],
             "has_formulas": any(r["formula"] for r in rows)}
+
+
+def primary_attack(rec: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The attack a report puts first, and why: the protocol's primary attack (mia evaluator
+    version 2: ``notes.mia.protocol.primary`` or ``mia.primary.*.attack``), else -- older
+    records -- the strongest by AUC (said so: a selection-biased choice)."""
+    notes = (rec.get("notes") or {}).get("mia") or {}
+    m = rec.get("metrics") or {}
+    p = (notes.get("protocol") or {}).get("primary")
+    if not isinstance(p, str):
+        p = next((v.get("attack") for k, v in m.items() if k.startswith("mia.primary.") and isinstance(v, Mapping)
+                  and isinstance(v.get("attack"), str)), None)
+    if isinstance(p, str):
+        return p, "the protocol's primary attack, fixed in advance"
+    best = strongest(m, "auc")["attack"]
+    if best:
+        return best, "no primary attack in this record: the strongest by AUC, a selection-biased choice"
+    return None, "no membership attack"
+
+
+def _scores(run_dir: Path) -> dict[str, Any] | None:
+    import numpy as np
+
+    path = run_dir / "mia_scores.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception:  # noqa: BLE001 - a damaged scores file only loses these figures
+        return None
+
+
+_DATA_CACHE: dict[tuple[str, str | None], Any] = {}
+
+
+def _train_images(rec: Mapping[str, Any]):
+    """The dataset's training images (N, C, H, W) in [0, 1], or None when it cannot be loaded
+    here (not downloaded, unknown plugin dataset); loaded once per process."""
+    cfg = rec.get("config") or {}
+    name = (cfg.get("dataset") or {}).get("name")
+    key = (str(name), cfg.get("data_dir"))
+    if key not in _DATA_CACHE:
+        try:
+            from ..registry import get
+
+            _DATA_CACHE[key] = get("dataset", name)().load(cfg.get("data_dir"), download=False).x_train
+        except Exception:  # noqa: BLE001 - images are a nicety of the report
+            _DATA_CACHE[key] = None
+    return _DATA_CACHE[key]
+
+
+def _membership_scores(rec: Mapping[str, Any], run_dir: Path, attack: str | None, why: str,
+                       k: int = 8) -> dict[str, Any] | None:
+    """Member vs non-member histograms of ``attack``'s scores, and the ``k`` members it scores
+    highest (the most vulnerable examples, as ML Privacy Meter shows them), from
+    ``<run>/mia_scores.npz``."""
+    import numpy as np
+
+    z = _scores(run_dir)
+    if z is None or attack is None or f"score.{attack}" not in z or "member" not in z:
+        return None
+    score = np.asarray(z[f"score.{attack}"], dtype=float)
+    member = np.asarray(z["member"], dtype=bool)
+    hist = plots.score_histogram(score[member], score[~member], attack=attack)
+    neg = np.sort(score[~member & np.isfinite(score)])
+    order = [i for i in np.argsort(-np.where(np.isfinite(score), score, -np.inf)) if member[i]
+             and np.isfinite(score[i])][:k]
+    top = []
+    for rank, i in enumerate(order, start=1):
+        fpr = float((len(neg) - np.searchsorted(neg, score[i], side="left")) / len(neg)) if len(neg) else math.nan
+        top.append({"rank": rank, "pool": int(i), "index": int(z["pool_idx"][i]) if "pool_idx" in z else None,
+                    "label": int(z["label"][i]) if "label" in z else None, "score": f"{score[i]:.4g}",
+                    "fpr": f"{fpr:.3g}" if fpr == fpr else "n/a"})
+    img, missing = None, None
+    x = _train_images(rec) if "pool_idx" in z else None
+    if x is not None and top:
+        try:
+            imgs = np.stack([x[t["index"]] for t in top]).astype(np.float32)
+            img = plots.examples_figure([("most vulnerable members", imgs,
+                                          [f"#{t['rank']} y={t['label']}" for t in top])])
+        except Exception as e:  # noqa: BLE001
+            missing = f"images not shown ({type(e).__name__}: {e})"
+    elif top:
+        missing = "images not shown: the dataset could not be loaded on this machine (the table lists them)"
+    n_m, n_n = int(member.sum()), int((~member).sum())
+    return {"attack": attack, "why": why, "hist": hist, "top": top, "img": img, "missing": missing,
+            "caption": (f"Scores of {attack} ({why}) on the {n_m} members and {n_n} non-members of the pool "
+                        "(densities on shared bins; the range is the 0.5-99.5 percentile of all scores, the rest "
+                        "counted in the end bins)."),
+            "top_caption": (f"The {len(top)} members {attack} scores highest: the training examples whose "
+                            "membership leaks most. FPR: the fraction of non-members scoring at least as high "
+                            "(the false-positive rate of a threshold at that score); y: the label; index: the "
+                            "example's index in the dataset's training split.")}
 
 
 def _autoattack(rec: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -324,10 +459,8 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
     """The two trade-off figures of a leaderboard (robust vs clean; leakage vs robust)."""
     pts = []
     for _, r in lb.rows.iterrows():
-        def err(c):
-            if r[f"{c}_std"] == r[f"{c}_std"] and r["seeds"] > 1:   # not NaN: seeds' spread
-                return (r[f"{c}_mean"] - r[f"{c}_std"], r[f"{c}_mean"] + r[f"{c}_std"])
-            if isfinite(r[f"{c}_ci_low"]) and isfinite(r[f"{c}_ci_high"]):
+        def err(c):   # the table's 95% interval (INTERVAL_TEXT): the run's, or t over seeds
+            if f"{c}_ci_low" in r and isfinite(r[f"{c}_ci_low"]) and isfinite(r[f"{c}_ci_high"]):
                 return (r[f"{c}_ci_low"], r[f"{c}_ci_high"])
             return None
 
@@ -359,8 +492,7 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
                                              ylabel=leak_label, maximize_y=False, percent_y=lb.leakage != "auc",
                                              title="membership leakage vs accuracy"),
                 "caption": f"{leak_label} against clean accuracy; lower leakage and higher accuracy are better."})
-        out["errors_caption"] = ("Error bars: ± one standard deviation over seeds where a row has several seeds, "
-                                 "otherwise the run's 95% interval.")
+        out["errors_caption"] = "Points are numbered; the key beside each plot names them. " + INTERVAL_TEXT
         return out
     out["figures"].append({
         "img": plots.tradeoff_figure(pts, x="clean", y="robust", xlabel="clean accuracy (%)",
@@ -382,15 +514,16 @@ def tradeoff_plots(lb, *, highlight_run: str | None = None) -> dict[str, Any]:
     for p in pts:
         if not (isfinite(p["clean"]) and isfinite(p["robust"])):
             out["missing"].append(f"{p['label']}: not plotted (clean or robust accuracy n/a).")
-    out["errors_caption"] = ("Error bars: ± one standard deviation over seeds where a row has several seeds, "
-                             "otherwise the run's 95% interval.")
+    out["errors_caption"] = "Points are numbered; the key beside each plot names them. " + INTERVAL_TEXT
     return out
 
 
-def _table(lb, highlight_run: str | None = None) -> dict[str, Any]:
+def _table(lb, highlight_run: str | None = None, links: list | None = None) -> dict[str, Any]:
     header, body = display_rows(lb)
     me = [bool(highlight_run and highlight_run in str(r).split()) for r in lb.rows["run_ids"]]
-    return {"header": header, "rows": list(zip(body, me)), "notes": notes(lb), "excluded": excluded_lines(lb)}
+    links = links if links is not None else [[] for _ in body]
+    return {"header": header, "rows": list(zip(body, me, links)), "notes": notes(lb), "excluded": excluded_lines(lb),
+            "links": any(links)}
 
 
 def run_report(run_dir: str | Path, *, runs: str | Path | None = None, command: str | None = None,
@@ -410,6 +543,7 @@ def run_report(run_dir: str | Path, *, runs: str | Path | None = None, command: 
     comp = (rec.get("components") or {}).get("defense") or {}
     lb = _context(rec, Path(runs) if runs is not None else run_dir.parent)
     warnings = list(rec.get("warnings") or [])
+    mia = _mia(rec)
     ctx = {
         "rec": rec,
         "title": rec.get("name") or rec.get("run_id") or str(run_dir),
@@ -422,7 +556,8 @@ def run_report(run_dir: str | Path, *, runs: str | Path | None = None, command: 
         "protocol": describe_protocol(protocol_of(rec)),
         "train": cfg.get("train") or {},
         "provenance": _provenance(rec),
-        "mia": _mia(rec),
+        "mia": mia,
+        "scores": _membership_scores(rec, run_dir, mia["primary"], mia["primary_why"]) if mia else None,
         "autoattack": _autoattack(rec),
         "training": plots.training_figure(rec.get("history") or []),
         "history_len": len(rec.get("history") or []),
@@ -439,49 +574,141 @@ def run_report(run_dir: str | Path, *, runs: str | Path | None = None, command: 
     return render_template("run_report.html", **ctx)
 
 
-def _roc_overlay(lb, runs_dir: Path) -> str | None:
-    """ROC of each row's strongest attack (its first run), when the records are at hand."""
+def _run_path(lb, path: Any) -> Path | None:
+    """A record's folder from the path a leaderboard stored (relative to its runs folder)."""
+    if not isinstance(path, str) or not path:
+        return None
+    p = Path(path)
+    for cand in ((p,) if p.is_absolute() else (Path(lb.runs) / p, p)):
+        if (cand / RECORD).exists():
+            return cand
+    return None
+
+
+def _roc_overlay(lb) -> dict[str, Any] | None:
+    """ROC of each row's primary attack (its first run; older records: the strongest by AUC),
+    when the records are at hand."""
     curves: dict[str, tuple[list, list]] = {}
     n_out = None
+    whys = set()
     for _, r in lb.rows.iterrows():
         for run in lb.records[lb.records["run_id"].isin(str(r["run_ids"]).split())].itertuples():
-            path = runs_dir / str(run.path) if run.path else None
-            if path is None or not (path / RECORD).exists():
+            path = _run_path(lb, run.path)
+            if path is None:
                 continue
             rec = read_record(path)
-            metric = f"tpr_at_fpr.{LEAKAGE_FPR}" if lb.leakage == "tpr" else "auc"
-            attack = strongest(rec.get("metrics") or {}, metric)["attack"]
+            attack, why = primary_attack(rec)
             mia = (rec.get("notes") or {}).get("mia") or {}
             c = (mia.get("roc") or {}).get(attack) if attack else None
             if c:
+                whys.add("primary" if "primary" in why and "no primary" not in why else "strongest by AUC")
                 curves[f"{r['label']} ({attack}, seed {rec['config'].get('seed')})"] = (c["fpr"], c["tpr"])
-                n_out = n_out or (mia.get("protocol") or {}).get("nonmembers")
+                proto = mia.get("protocol") or {}
+                n_out = n_out or proto.get("n_nonmembers") or proto.get("nonmembers")
             break
     if not curves:
         return None
-    return plots.roc_figure(curves, n_nonmembers=n_out if isinstance(n_out, int) else None,
-                            title="ROC of each defense's strongest attack")
+    plot = plots.roc_plot(curves, n_nonmembers=n_out if isinstance(n_out, int) else None,
+                          title="ROC of each defense's primary attack" if whys == {"primary"}
+                          else "ROC of each defense's membership attack")
+    merged = [names for names in plot["groups"].values() if len(names) > 1]
+    which = ("the protocol's primary attack" if whys == {"primary"} else
+             "the primary attack where the record names one, otherwise the strongest by AUC (selection-biased)")
+    plot["caption"] = (f"For each defense, the ROC (log-log) of {which} in its first run. Dotted: chance. "
+                       + ("Identical curves are drawn once, their names joined by '='. " if merged else "")
+                       + plots.guides_text(plot["guides"]))
+    return plot
 
 
-def leaderboard_report(name: str, *, leaderboards: str | Path = "leaderboards", command: str | None = None) -> str:
-    """The HTML text of a leaderboard's report, from ``<leaderboards>/<name>.json``."""
+def resolve_leaderboard(name: str, leaderboards: str | Path = "leaderboards") -> Path:
+    """The ``.json`` of leaderboard ``name``: a path to it, a file stem in ``leaderboards``, or
+    a name without its protocol hash (``digits-cnn8-Linf-0.1``) when exactly one table there
+    has it (several: a :class:`UsageError` listing them)."""
     path = Path(name)
-    if path.suffix != ".json" or not path.exists():
-        path = Path(leaderboards) / f"{name}.json"
-    if not path.exists():
-        avail = sorted(p.stem for p in Path(leaderboards).glob("*.json")) if Path(leaderboards).is_dir() else []
-        raise UsageError(f"no leaderboard {name!r} in {str(leaderboards)!r} (build it with `cfbench leaderboard`)."
-                         + suggest(name, avail))
+    if path.suffix == ".json" and path.exists():
+        return path
+    d = Path(leaderboards)
+    cand = d / f"{name}.json"
+    if cand.exists():
+        return cand
+    avail = sorted(p.name[: -len(".json")] for p in d.glob("*.json")) if d.is_dir() else []
+    import re
+
+    pat = re.compile(re.escape(name) + r"-[0-9a-f]{8}(-only-.+)?$")
+    hits = [a for a in avail if pat.match(a)]
+    plain_hits = [a for a in hits if "-only-" not in a[len(name):]]
+    if len(plain_hits) == 1:
+        return d / f"{plain_hits[0]}.json"
+    if len(hits) == 1:
+        return d / f"{hits[0]}.json"
+    if hits:
+        raise UsageError(f"leaderboard name {name!r} is ambiguous in {str(leaderboards)!r}: "
+                         + ", ".join(hits) + " (one per protocol); give the full name.")
+    raise UsageError(f"no leaderboard {name!r} in {str(leaderboards)!r} (build it with `cfbench leaderboard`)."
+                     + suggest(name, avail))
+
+
+def staleness(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """Whether a leaderboard's JSON still matches the runs it was built from: ``("current" |
+    "stale" | "unknown", why)``.  The table is rebuilt in memory from its runs folder with its
+    filters and compared by :func:`.leaderboard.source_digest`."""
+    from .leaderboard import build
+
+    src = obj.get("source") or {}
+    runs = src.get("runs") or obj.get("runs")
+    digest = src.get("digest")
+    cmd = obj.get("command") or "cfbench leaderboard"
+    if not digest:
+        return "unknown", (f"it was written by an older cfbench and records no digest of its runs: it may be "
+                           f"stale; rebuild it with `{cmd}`")
+    if not runs or not Path(runs).is_dir():
+        return "unknown", (f"its runs folder {runs!r} is not here (relative to {Path.cwd()}), so it cannot be "
+                           "checked against its runs")
+    filt = obj.get("filters") or {}
+    try:
+        boards = build(runs, (obj.get("protocol") or {}).get("dataset", {}).get("name"),
+                       runs_label=runs, include_flagged=bool(obj.get("include_flagged")),
+                       defenses=filt.get("defenses") or None)
+    except UsageError as e:
+        return "stale", f"its runs no longer give a table ({e}); rebuild with `{cmd}`"
+    mine = [b for b in boards if b.protocol_id == obj.get("protocol_id")]
+    if not mine:
+        return "stale", (f"no finished run of its protocol is left in {runs}; rebuild with `{cmd}` "
+                         "(which removes it)")
+    if mine[0].source_digest != digest:
+        n_now, n_then = len(mine[0].records), len(obj.get("records") or [])
+        return "stale", (f"the runs in {runs} changed since it was built ({n_then} runs then, {n_now} of its "
+                         f"protocol now); rebuild with `{cmd}`")
+    return "current", f"matches the {len(mine[0].records)} runs of its protocol in {runs}"
+
+
+def leaderboard_report(name: str, *, leaderboards: str | Path = "leaderboards", command: str | None = None,
+                       strict: bool = False, warn=None, out_dir: str | Path | None = None) -> str:
+    """The HTML text of a leaderboard's report, from its ``.json`` (:func:`resolve_leaderboard`).
+
+    A table whose runs changed since it was built (:func:`staleness`) is rendered with a banner
+    saying so (and ``warn(message)`` is called), or refused with ``strict``.  ``out_dir``: where
+    the page will be, for the relative links to the run reports (default ``reports/``)."""
+    path = resolve_leaderboard(name, leaderboards)
     obj = json.loads(path.read_text(encoding="utf-8"))
     lb = Leaderboard.from_json(obj)
+    state, why = staleness(obj)
+    if state == "stale" and strict:
+        raise UsageError(f"leaderboard {lb.name} is stale: {why}.")
+    if state != "current" and warn is not None:
+        warn(f"leaderboard {lb.name} {'is stale' if state == 'stale' else 'could not be checked'}: {why}")
     defaults = "" if Path(leaderboards) == Path("leaderboards") else f" --leaderboards {shlex.quote(str(leaderboards))}"
+    from .writers import run_links
+
+    links = run_links(lb, out_dir if out_dir is not None else "reports")
     ctx = {
         "lb": lb,
+        "stale": {"state": state, "why": why},
         "command": command or f"cfbench report --leaderboard {shlex.quote(lb.name)}{defaults}",
         "protocol": describe_protocol(lb.protocol),
-        "table": _table(lb),
+        "table": _table(lb, links=links),
         "tradeoff": tradeoff_plots(lb),
-        "roc": _roc_overlay(lb, Path(lb.runs)),
+        "roc": _roc_overlay(lb),
         "descriptions": list(zip(lb.rows["label"], lb.rows["family"], lb.rows["description"])),
         "per_run": obj.get("records") or [],
         "cards": [
@@ -493,6 +720,27 @@ def leaderboard_report(name: str, *, leaderboards: str | Path = "leaderboards", 
         ],
     }
     return render_template("leaderboard_report.html", **ctx)
+
+
+def write_run_reports(boards: Sequence[Leaderboard], log=print) -> list[Path]:
+    """(Re)write ``<run-dir>/report.html`` of every run in ``boards`` (the tables link to
+    them; each report's trade-off context is then the same runs folder as the table's).  A
+    report that cannot be written only warns."""
+    done: list[Path] = []
+    seen = set()
+    for lb in boards:
+        for _, r in lb.records.iterrows():
+            d = _run_path(lb, r["path"]) or (Path(r["path"]) if isinstance(r["path"], str) else None)
+            if d is None or str(d) in seen or not (d / RECORD).exists():
+                continue
+            seen.add(str(d))
+            try:
+                done.append(write_html(run_report(d), d / REPORT))
+            except Exception as e:  # noqa: BLE001
+                print(f"warning: could not write {d / REPORT}: {type(e).__name__}: {e}", file=sys.stderr)
+    if done:
+        log(f"wrote {len(done)} run report{'s' if len(done) != 1 else ''} (<run-dir>/{REPORT})")
+    return done
 
 
 def _best(lb, col: str, maximize: bool) -> dict[str, str]:
