@@ -256,7 +256,7 @@ class CFAT(Defense):
             ctx.warnings.append(f"cf-at generator=ace: {len(overlap)} of the run's test images also trained the DDPM "
                                 f"(the second half of the test split); set data.test_size={len(ds.x_test) // 2} to "
                                 "evaluate on images the DDPM has not seen.")
-        return ACE().fit(ds, cache_dir=ctx.cache_dir, augmentation=ctx.augmentation, device=ctx.device)
+        return ACE().fit(ds, cache_dir=ctx.cache_dir, augmentation=ctx.augmentation, device=ctx.device, setting=None)
 
     def generated_set(self, initial: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                       ctx: FitContext) -> tuple[dict[str, torch.Tensor], dict]:

@@ -146,8 +146,13 @@ def test_errors_name_the_bad_value(tiny):
         ACE().generate(tiny["clf"], tiny["x"], tiny["t"])
     with pytest.raises(UsageError, match="8 instances but 3 target classes"):
         ACE(ACEParams(filter=False, inpaint=0)).generate(tiny["clf"], tiny["x"], tiny["t"][:3])
-    with pytest.raises(UsageError, match=r"cfbench ddpm train --dataset digits"):
+    with pytest.raises(UsageError, match=r"cfbench ddpm train --dataset digits.*or set ace.ddpm=<file>"):
         find_ddpm("default", tiny["ds"], tiny["cache"] / "elsewhere", "shift")
+    with pytest.raises(UsageError, match=r"or set counterfactual.ace_ddpm=<file>"):
+        find_ddpm("default", tiny["ds"], tiny["cache"] / "elsewhere", "shift", setting="counterfactual.ace_ddpm")
+    with pytest.raises(UsageError) as e:   # a caller with no such key (cf-at) offers no key to set
+        find_ddpm("default", tiny["ds"], tiny["cache"] / "elsewhere", "shift", setting=None)
+    assert "or set" not in str(e.value) and "resumable)." in str(e.value)
     model, meta = find_ddpm(str(tiny["path"]), tiny["ds"], None, "shift")
     assert meta["recipe"]["split"] == "test-second-half" and model.params == TINY_DDPM
 

@@ -152,24 +152,25 @@ def load_ddpm(path: str | Path, device: torch.device | str = "cpu") -> tuple[DDP
 
 
 def find_ddpm(spec: str, ds, cache_dir: str | Path | None, augmentation: str,
-              device: torch.device | str = "cpu") -> tuple[DDPM, dict[str, Any]]:
+              device: torch.device | str = "cpu", setting: str | None = "ace.ddpm") -> tuple[DDPM, dict[str, Any]]:
     """The DDPM named by ``spec``: 'default' (the dataset's default recipe, seed 0, in
-    ``<cache_dir>/ddpm``) or a file; a clear error saying how to train a missing one."""
+    ``<cache_dir>/ddpm``) or a file; a clear error saying how to train a missing one (and, when
+    ``setting`` names the caller's key for the file, that it can point elsewhere)."""
+    alt = f", or set {setting}=<file>" if setting else ""
     if spec != "default":
         model, meta = load_ddpm(spec, device)
         if meta["recipe"]["dataset"] != ds.name or list(meta["recipe"]["shape"]) != list(ds.shape):
-            raise UsageError(f"ace.ddpm={spec} was trained on {meta['recipe']['dataset']} "
+            raise UsageError(f"{setting or 'ace.ddpm'}={spec} was trained on {meta['recipe']['dataset']} "
                              f"{meta['recipe']['shape']}, not on {ds.name} {list(ds.shape)}.")
         return model, meta
     if cache_dir is None:
-        raise UsageError("ace.ddpm=default needs a cache directory (the run's <out>/_cache) to find the DDPM in; "
-                         "give ace.ddpm=<file> instead.")
+        raise UsageError(f"{setting or 'ace.ddpm'}=default needs a cache directory (the run's <out>/_cache) to find "
+                         f"the DDPM in{'; give ' + setting + '=<file> instead' if setting else ''}.")
     path = ddpm_path(cache_dir, ddpm_recipe(ds, DDPMParams(), 0, augmentation))
     if not path.exists():
         out = Path(cache_dir).parent
         raise UsageError(f"no DDPM for {ds.name} in {Path(cache_dir) / 'ddpm'} (default recipe; expected {path.name}). "
-                         f"Train it first: `cfbench ddpm train --dataset {ds.name} --out {out}` (resumable), or set "
-                         "ace.ddpm=<file>.")
+                         f"Train it first: `cfbench ddpm train --dataset {ds.name} --out {out}` (resumable){alt}.")
     return load_ddpm(path, device)
 
 
@@ -249,11 +250,12 @@ class ACE(Attack):
         return self
 
     def fit(self, ds, *, cache_dir: str | Path | None = None, augmentation: str = "shift",
-            device: torch.device | str = "cpu") -> ACE:
-        """Load the DDPM of dataset ``ds`` (``params.ddpm``; see :func:`find_ddpm`); nothing to
-        fit when neither the filter nor the refinement is used."""
+            device: torch.device | str = "cpu", setting: str | None = "ace.ddpm") -> ACE:
+        """Load the DDPM of dataset ``ds`` (``params.ddpm``; see :func:`find_ddpm`; ``setting``:
+        the caller's key for ``params.ddpm`` in error messages, None if it has none); nothing
+        to fit when neither the filter nor the refinement is used."""
         if self.params.needs_ddpm:
-            self.use(*find_ddpm(self.params.ddpm, ds, cache_dir, augmentation, device))
+            self.use(*find_ddpm(self.params.ddpm, ds, cache_dir, augmentation, device, setting))
         return self
 
     def _steps(self) -> tuple[int, Respacing | None]:

@@ -260,7 +260,8 @@ class CounterfactualQuality(Evaluator):
                        batch_size=p.ace_batch_size, ddpm=p.ace_ddpm, seed=ctx.seed,
                        inpaint=p.ace_inpaint if g == "ace" else 0.0, filter=g == "ace")
         ace = ACE(ap).fit(ctx.data.dataset, cache_dir=ctx.cache_dir,
-                          augmentation=ctx.config.dataset_info["augmentation"], device=ctx.device)
+                          augmentation=ctx.config.dataset_info["augmentation"], device=ctx.device,
+                          setting="counterfactual.ace_ddpm")
         res = ace.generate(model, x.to(ctx.device), t, progress=ctx.progress, desc=f"{g} counterfactuals")
         return {"x": res.x.cpu(), "x_pe": res.x_pe.cpu(), "mask": res.mask.cpu()}
 
