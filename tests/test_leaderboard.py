@@ -427,3 +427,242 @@ def test_schema_1_records_still_load_and_rebuild_the_committed_table(tmp_path):
     got = {r["label"]: round(r["clean_mean"], 6) for _, r in rows.iterrows()}
     want = {r["label"]: round(r["clean_accuracy"]["mean"], 6) for r in stored["rows"]}
     assert got == want
+
+
+# ------------------------------------------------------------- names, overwrites, stale files
+def _lb_cli(runs, out, *extra):
+    return main(["leaderboard", "--runs", str(runs), "--out", str(out), "--quiet", "--no-reports", *extra])
+
+
+def test_names_identify_the_protocol_and_are_stable(store):
+    from cfbench.present.leaderboard import table_name
+
+    first = {b.name: b.protocol_id for b in build(store)}
+    again = {b.name: b.protocol_id for b in build(store)}
+    assert first == again  # stable: the same records give the same names
+    assert len(set(first.values())) == len(first)  # one name per protocol
+    for name, pid in first.items():
+        assert name.endswith("-" + pid[:8])
+    # the name does not depend on what else the folder holds: one protocol alone keeps its name
+    lb = _main_table(build(store, "digits"))
+    alone = aggregate([json.loads((store / rid / "record.json").read_text()) for rid in lb.rows["run_ids"].iloc[0].split()])
+    assert alone.name == lb.name == table_name(lb.protocol)
+
+
+def _forge(lb_dir: Path, name: str, other_store: Path, tmp_path: Path) -> str:
+    """Write a table of another protocol under ``name`` (what a hash-prefix clash, or an older
+    cfbench's plain name, leaves behind); returns its protocol id."""
+    [other] = build(other_store)
+    other.name = name
+    write(other, lb_dir)
+    return other.protocol_id
+
+
+def test_refuses_to_overwrite_another_protocol(store, tmp_path, capsys):
+    out = tmp_path / "lb"
+    lb = _main_table(build(store, "digits"))
+    other_runs = tmp_path / "other"
+    write_record(other_runs, make_record(defense="erm", eps=0.3))
+    other_pid = _forge(out, lb.name, other_runs, tmp_path)
+    before = (out / f"{lb.name}.json").read_text()
+    assert _lb_cli(store, out, "--dataset", "digits") == 2
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err and lb.protocol_id[:12] in err and other_pid[:12] in err
+    assert "--force" in err and "Linf-0.3" in err
+    assert (out / f"{lb.name}.json").read_text() == before  # nothing written
+    assert not list(out.glob("digits-cnn8-Linf-0.2-*"))    # not even the tables without a clash
+    assert _lb_cli(store, out, "--dataset", "digits", "--force") == 0
+    assert json.loads((out / f"{lb.name}.json").read_text())["protocol_id"] == lb.protocol_id
+
+
+def test_refuses_to_overwrite_a_table_of_another_runs_folder(store, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "lb"
+    assert _lb_cli(store, out, "--dataset", "digits") == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    assert _lb_cli(copy, out, "--dataset", "digits") == 2
+    err = capsys.readouterr().err
+    assert "another runs folder" in err and str(store) in err and str(copy) in err
+
+
+def test_stale_tables_of_the_same_build_are_removed(store, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs-copy"
+    shutil.copytree(store, runs)
+    out = tmp_path / "lb"
+    assert _lb_cli(runs, out, "--dataset", "digits") == 0
+    names = {p.name[:-5] for p in out.glob("*.json")}
+    [eps02] = [n for n in names if n.startswith("digits-cnn8-Linf-0.2-")]
+    # a table of another runs folder in the same place, and an older cfbench's plain-named file of this one
+    elsewhere = tmp_path / "elsewhere"
+    write_record(elsewhere, make_record(defense="erm", eps=0.25))
+    assert _lb_cli(elsewhere, out) == 0
+    legacy = json.loads((out / f"{eps02}.json").read_text())
+    legacy.pop("source"), legacy.pop("filters")
+    (out / "digits-cnn8-Linf-0.2.json").write_text(json.dumps(dict(legacy, name="digits-cnn8-Linf-0.2")))
+    (out / "digits-cnn8-Linf-0.2.md").write_text("# old\n")
+    capsys.readouterr()
+    # the eps = 0.2 protocol loses its only run: its table is stale
+    for d in runs.iterdir():
+        rec = json.loads((d / "record.json").read_text())
+        if rec["config"]["threat"]["eps"] == 0.2:
+            shutil.rmtree(d)
+    assert _lb_cli(runs, out, "--dataset", "digits") == 0
+    printed = capsys.readouterr().out
+    assert f"removed stale {out / eps02}.*" in printed and "no longer built from" in printed
+    left = {p.name for p in out.iterdir()}
+    assert not any(n.startswith(eps02) or n.startswith("digits-cnn8-Linf-0.2.") for n in left)
+    assert len([n for n in left if n.startswith("digits-cnn8-Linf-0.25-")]) == 5  # the other folder's: kept
+    assert len([n for n in left if n.startswith("digits-cnn8-Linf-0.1-")]) == 10   # two protocols x 5 formats
+
+
+def test_every_file_states_its_protocol_and_filters(store, tmp_path):
+    out = tmp_path / "lb"
+    assert _lb_cli(store, out, "--dataset", "digits", "--defense", "pgd-at,erm") == 0
+    lb = _main_table(build(store, "digits"))
+    name = f"{lb.name}-only-erm+pgd-at"
+    obj = json.loads((out / f"{name}.json").read_text())
+    assert obj["protocol_id"] == lb.protocol_id and obj["filters"] == {"dataset": "digits", "defenses": ["erm", "pgd-at"]}
+    assert obj["source"]["runs"] == str(store) and len(obj["source"]["digest"]) == 64
+    for ext in ("md", "csv", "html", "tex"):
+        text = (out / f"{name}.{ext}").read_text()
+        assert lb.protocol_id[:12] in text and "--defense erm,pgd-at" in text, ext
+
+
+def test_defense_filter(store, tmp_path, capsys):
+    full = _main_table(build(store, "digits"))
+    [part] = [b for b in build(store, "digits", defenses=["erm", "pgd-at"]) if b.protocol_id == full.protocol_id]
+    assert sorted(part.rows["defense"]) == ["erm", "pgd-at"]
+    assert part.name == f"{full.name}-only-erm+pgd-at" and part.defenses == ["erm", "pgd-at"]
+    a = full.rows.set_index("defense")
+    b = part.rows.set_index("defense")
+    for d in ("erm", "pgd-at"):
+        assert b.loc[d, "clean_mean"] == a.loc[d, "clean_mean"] and b.loc[d, "seeds"] == a.loc[d, "seeds"]
+    # excluded (failed) runs of other defenses are not counted either
+    assert {e["run_id"].split("-s")[0] for e in part.excluded} <= {"digits-erm-cnn8", "digits-pgd-at-cnn8"}
+    # the CLI: a filtered build leaves the full table alone
+    out = tmp_path / "lb"
+    assert _lb_cli(store, out, "--dataset", "digits") == 0
+    assert _lb_cli(store, out, "--dataset", "digits", "--defense", "dp-sgd") == 0
+    assert (out / f"{full.name}.json").exists() and (out / f"{full.name}-only-dp-sgd.json").exists()
+    md = (out / f"{full.name}-only-dp-sgd.md").read_text()
+    assert "| dp-sgd" in md and "| erm" not in md and "| pgd-at" not in md
+    capsys.readouterr()
+    assert _lb_cli(store, out, "--defense", "trades") == 2
+    err = capsys.readouterr().err
+    assert "'trades'" in err and "dp-sgd, erm, pgd-at" in err
+    assert _lb_cli(store, out, "--defense", "erm,,x") == 2
+
+
+# ------------------------------------------------------------------------ one kind of interval
+def test_multi_seed_interval_is_a_t_interval_over_seeds(tmp_path):
+    from scipy import stats
+
+    runs = tmp_path / "runs"
+    vals = [0.5, 0.7, 0.9]
+    for s, v in enumerate(vals):
+        write_record(runs, make_record(seed=s, clean=v, robust=v / 2))
+    write_record(runs, make_record(defense="solo", clean=0.8, robust=0.4))
+    [lb] = build(runs)
+    r = lb.rows.set_index("defense")
+    lo, hi = stats.t.interval(0.95, len(vals) - 1, loc=np.mean(vals), scale=stats.sem(vals))
+    assert r.loc["erm", "clean_ci_low"] == pytest.approx(lo) and r.loc["erm", "clean_ci_high"] == pytest.approx(min(hi, 1))
+    assert r.loc["erm", "interval"] == "t over 3 seeds" and r.loc["solo", "interval"] == "run"
+    # one run: the run's own (Clopper-Pearson) interval
+    rec = make_record(defense="solo", clean=0.8, robust=0.4)
+    assert r.loc["solo", "clean_ci_low"] == rec["metrics"]["clean.accuracy"]["ci_low"]
+    # the table shows the interval only (no ± std), and says once what it is
+    header, body = display_rows(lb)
+    assert all("±" not in c for row in body for c in row)
+    md = to_markdown(lb)
+    assert md.count("Student-t interval of the mean over the seeds") == 1
+    assert "envelope" not in md
+
+
+# ---------------------------------------------------------------------------------- LaTeX
+def test_latex_export_is_booktabs_and_escaped(tmp_path):
+    import re
+
+    from cfbench.present.writers import to_latex
+
+    runs = tmp_path / "runs"
+    write_record(runs, make_record(defense="my_def%1&2", clean=0.9, robust=0.5))
+    write_record(runs, make_record(defense="dp-sgd", family="dp", clean=0.8, robust=0.3, epsilon=2.5))
+    write_record(runs, make_record(defense="dp-sgd", family="dp", seed=1, clean=0.82, robust=0.31, epsilon=2.5))
+    [lb] = build(runs)
+    tex = to_latex(lb)
+    lines = tex.splitlines()
+    body = [ln for ln in lines if not ln.startswith("%")]
+    text = "\n".join(body)
+    assert text.count("\\begin{table}") == 1 and text.count("\\end{table}") == 1
+    assert text.count("\\begin{tabular}") == 1 and text.count("\\end{tabular}") == 1
+    top, mid, bot = (body.index(r) for r in ("\\toprule", "\\midrule", "\\bottomrule"))
+    assert top < mid < bot
+    colspec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", text).group(1)
+    rows = body[mid + 1:bot]
+    header = body[top + 1:mid]
+    assert len(header) == 1 and len(rows) == len(lb.rows)
+    for row in header + rows:
+        assert row.endswith("\\\\")
+        # cells separated by unescaped &: as many as the column spec says
+        assert len(re.split(r"(?<!\\)&", row)) == len(colspec), row
+    # special characters escaped: nothing unescaped but the table's own & separators
+    assert "my\\_def\\%1\\&2" in text
+    for ch in ("%", "_", "#", "$"):
+        for m in re.finditer(re.escape(ch), text):
+            i = m.start()
+            assert text[i - 1] == "\\" or (ch == "$" and _in_math(text, i)), (ch, text[max(0, i - 20):i + 20])
+    assert "\\caption{" in text and "Student-t" in text and "\\label{tab:" in text
+    assert "$\\varepsilon$" in text  # the DP column header
+    assert lines[0].startswith("% leaderboard ") and "booktabs" in lines[0] and lines[1].startswith("% rebuild: ")
+
+
+def _in_math(text: str, i: int) -> bool:
+    """A ``$`` that opens or closes one of the math snippets the escaper writes."""
+    return text[i - 1] != "\\"
+
+
+# ------------------------------------------------------------------- the demo joins the table
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo_config():
+    """The config `make demo` runs: its `cfbench run` arguments, parsed by the real CLI parser."""
+    import shlex
+
+    from cfbench.cli import build_parser
+    from cfbench.config import make_config, parse_sets
+
+    text = (ROOT / "Makefile").read_text()
+    recipe = text.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    [line] = [ln for ln in recipe.splitlines() if "cfbench run" in ln]
+    argv = shlex.split(line.split("cfbench", 1)[1])
+    args = build_parser().parse_args(argv)
+    evaluators = [e.strip() for e in args.evaluators.split(",")] if args.evaluators else None
+    return make_config(dataset=args.dataset, defense=args.defense, model=args.model, seed=args.seed,
+                       sets=parse_sets(args.set), evaluators=evaluators, device=args.device, data_dir=args.data_dir,
+                       download=args.download, deterministic=args.deterministic)
+
+
+def test_the_demo_protocol_is_the_committed_digits_leaderboards():
+    """`make demo`'s run has exactly the protocol of the committed digits leaderboard (so a
+    newcomer's demo run joins that table), and so has every run of its sweep file."""
+    from cfbench.sweep import expand, load_grid
+
+    committed = [json.loads(p.read_text()) for p in sorted((ROOT / "leaderboards").glob("digits-*.json"))]
+    assert len(committed) == 1, [c["name"] for c in committed]
+    [table] = committed
+    cfg = _demo_config()
+    demo = protocol_id(protocol_of({"config": cfg.to_dict()}))
+    assert demo == table["protocol_id"], "make demo no longer runs the committed leaderboard's protocol"
+    assert table["name"].endswith(demo[:8])
+    points = expand(load_grid(ROOT / "leaderboards" / "digits.toml"))
+    assert {protocol_id(protocol_of({"config": p.cfg.to_dict()})) for p in points} == {demo}
+    assert any(p.cfg.config_hash() == cfg.config_hash() for p in points)  # the demo run itself is in the sweep
+    # and the committed records are the table's runs, each of this protocol
+    recs = [json.loads(p.read_text()) for p in sorted((ROOT / "leaderboards" / "runs").glob("*/record.json"))]
+    assert {r["run_id"] for r in recs} == {r["run_id"] for r in table["records"]}
+    assert {protocol_id(protocol_of(r)) for r in recs} == {demo}

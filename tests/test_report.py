@@ -264,3 +264,172 @@ def test_leaderboard_report_default_name_keeps_dotted_eps(run_store, tmp_path, m
     assert main(["report", "--leaderboard", str(lbdir / f"{name}.json")]) == 0
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [f"leaderboard-{name}.html"]
     capsys.readouterr()
+
+
+# ------------------------------------------------------------- membership figures of a run
+def _scored_run(tmp_path, n=200, k_top=8, primary="lira_online"):
+    """A run with per-example scores (mia_scores.npz as the mia evaluator writes it) whose
+    members' scores are shifted up, and identical ROC curves for two attacks."""
+    rec = make_record(defense="erm", n_members=n // 2, n_nonmembers=n // 2)
+    rec["notes"]["mia"]["protocol"]["primary"] = primary
+    rec["notes"]["mia"]["protocol"]["n_nonmembers"] = n // 2
+    rec["notes"]["mia"]["roc"]["loss_copy"] = dict(rec["notes"]["mia"]["roc"]["loss"])
+    rec["flags"] = [{"name": "eps_sweep", "evaluators": ["robust.pgd"], "message": "accuracy does not fall with eps"},
+                    {"name": "autoattack_check", "evaluators": ["robust.autoattack"], "message": "Square beat APGD"}]
+    d = write_record(tmp_path / "runs", rec)
+    rng = np.random.default_rng(0)
+    member = np.zeros(n, bool)
+    member[rng.permutation(n)[: n // 2]] = True
+    score = rng.normal(size=n) + member * 1.5
+    pool_idx = rng.permutation(1000)[:n]
+    np.savez(d / "mia_scores.npz", member=member, attacks=np.array(["loss", primary]), pool_idx=pool_idx,
+             label=rng.integers(0, 10, n), **{f"score.{primary}": score, "score.loss": -score})
+    return d, rec, member, score, pool_idx
+
+
+def test_score_histograms_and_most_vulnerable_examples(tmp_path):
+    from cfbench.present.report import _membership_scores
+
+    d, rec, member, score, pool_idx = _scored_run(tmp_path)
+    ms = _membership_scores(rec, d, "lira_online", "the protocol's primary attack")
+    # independent: the 8 members with the highest scores, highest first
+    want = [int(i) for i in np.argsort(-score) if member[i]][:8]
+    assert [t["pool"] for t in ms["top"]] == want
+    assert [t["index"] for t in ms["top"]] == [int(pool_idx[i]) for i in want]
+    # FPR at the score: the fraction of non-members scoring at least as high
+    neg = score[~member]
+    assert [float(t["fpr"]) for t in ms["top"]] == pytest.approx(
+        [float(f"{np.mean(neg >= score[i]):.3g}") for i in want])
+    assert png_size(ms["hist"])[0] > 300
+    # the digits training images are at hand (bundled): the examples are shown as images
+    assert ms["img"] is not None and ms["missing"] is None and png_size(ms["img"])[0] > 300
+    html = run_report(d, with_predictions=False)
+    p = assert_self_contained(html)
+    assert "Most vulnerable examples" in html and "members vs non-members" in html
+    assert any(i.get("alt") == "most vulnerable training examples" for i in p.imgs)
+    assert any(i.get("alt") == "member and non-member score histograms" for i in p.imgs)
+    assert "lira_online <b>(primary)</b>" in html
+
+
+def test_roc_highlights_the_primary_and_merges_identical_curves(tmp_path):
+    from cfbench.present import plots
+
+    d, rec, *_ = _scored_run(tmp_path)
+    roc = {a: (c["fpr"], c["tpr"]) for a, c in rec["notes"]["mia"]["roc"].items()}
+    plot = plots.roc_plot(roc, n_nonmembers=100, primary="lira_online")
+    assert plot["primary"] == "lira_online"
+    assert plot["groups"] == {"loss": ["loss", "loss_copy"], "lira_online": ["lira_online"]}
+    html = run_report(d, with_predictions=False)
+    assert "Thick black: the primary attack, lira_online (the protocol&#39;s primary attack" in html
+    assert "Identical curves are drawn once" in html
+    # 100 non-members: the axis starts at 1%, so no 0.1% guide is drawn or promised
+    assert plot["guides"] == [0.01] and "Grey vertical: 1% FPR." in html and "0.1% FPR." not in html
+    assert plots.roc_plot(roc, n_nonmembers=20000)["guides"] == [0.01, 0.001, 0.0001]
+    assert plots.guides_text([0.01, 0.001]) == "Grey verticals: 1% and 0.1% FPR."
+
+
+def test_flags_are_shown_at_the_robust_numbers(tmp_path):
+    from cfbench.present.report import _cards
+
+    d, rec, *_ = _scored_run(tmp_path)
+    cards = {c["label"]: c for c in _cards(rec)}
+    assert cards["AutoAttack accuracy"]["flagged"] and "autoattack_check" in cards["AutoAttack accuracy"]["sub"]
+    assert cards["PGD accuracy"]["flagged"] and "eps_sweep" in cards["PGD accuracy"]["sub"]
+    assert not cards["clean accuracy"].get("flagged")
+    html = run_report(d, with_predictions=False)
+    assert html.count('title="sanity flags: see Robustness">⚑</a>') == 2
+    assert "this robust accuracy may be an overestimate" in html
+    # in the tables, the flag sits next to the robust accuracy too
+    from cfbench.present.writers import display_rows
+
+    lb = build(d.parent)[0]
+    header, body = display_rows(lb)
+    assert body[0][4].endswith(" ⚑")
+
+
+# ------------------------------------------------------------------ leaderboard reports
+def test_stale_leaderboard_is_flagged_or_refused(tmp_path, capsys):
+    from cfbench.errors import UsageError
+
+    runs = tmp_path / "runs"
+    write_record(runs, make_record(defense="erm"))
+    write_record(runs, make_record(defense="pgd-at", family="adversarial", robust=0.7))
+    lbdir = tmp_path / "lb"
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(lbdir), "--quiet", "--no-reports"]) == 0
+    [name] = [p.name[:-5] for p in lbdir.glob("*.json")]
+    warned = []
+    html = leaderboard_report(name, leaderboards=lbdir, warn=warned.append)
+    assert warned == [] and "Stale:" not in html
+    # a new run of the same protocol: the table no longer matches its runs
+    write_record(runs, make_record(defense="trades", family="adversarial", robust=0.6))
+    html = leaderboard_report(name, leaderboards=lbdir, warn=warned.append)
+    assert "Stale:" in html and len(warned) == 1 and "changed since it was built" in warned[0]
+    with pytest.raises(UsageError, match="stale"):
+        leaderboard_report(name, leaderboards=lbdir, strict=True)
+    capsys.readouterr()
+    assert main(["report", "--leaderboard", name, "--leaderboards", str(lbdir), "--strict",
+                 "--out", str(tmp_path / "x.html")]) == 2
+    assert "stale" in capsys.readouterr().err
+    assert main(["report", "--leaderboard", name, "--leaderboards", str(lbdir), "--out", str(tmp_path / "x.html")]) == 0
+    assert "warning: leaderboard" in capsys.readouterr().err
+    # rebuilt: current again
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(lbdir), "--quiet", "--no-reports"]) == 0
+    warned.clear()
+    assert "Stale:" not in leaderboard_report(name, leaderboards=lbdir, warn=warned.append) and warned == []
+    # runs gone: it cannot be checked, and says so
+    import shutil
+
+    shutil.rmtree(runs)
+    html = leaderboard_report(name, leaderboards=lbdir, warn=warned.append)
+    assert "Not checked against its runs" in html and len(warned) == 1
+
+
+def test_leaderboard_name_without_hash_resolves_when_unambiguous(run_store, tmp_path, capsys):
+    from cfbench.errors import UsageError
+    from cfbench.present.report import resolve_leaderboard
+
+    runs, _ = run_store
+    lbdir = tmp_path / "lb"
+    boards = build(runs, "digits")
+    for lb in boards:
+        write(lb, lbdir)
+    main_name = next(b.name for b in boards if len(b.rows) == 3)
+    assert resolve_leaderboard("digits-cnn8-Linf-0.1", lbdir) == lbdir / f"{main_name}.json"
+    assert resolve_leaderboard(main_name, lbdir) == lbdir / f"{main_name}.json"
+    # a second protocol with the same base name: the short name is ambiguous
+    other = tmp_path / "other"
+    write_record(other, make_record(defense="erm", mia_params={"reference_models": 16}))
+    [o] = build(other)
+    write(o, lbdir)
+    with pytest.raises(UsageError, match="ambiguous") as e:
+        resolve_leaderboard("digits-cnn8-Linf-0.1", lbdir)
+    assert main_name in str(e.value) and o.name in str(e.value)
+
+
+def test_leaderboard_rows_link_to_run_reports(run_store, tmp_path):
+    import shutil
+    from html.parser import HTMLParser
+
+    runs = tmp_path / "runs"
+    shutil.copytree(run_store[0], runs)
+    out = tmp_path / "boards"
+    assert main(["leaderboard", "--dataset", "digits", "--runs", str(runs), "--out", str(out), "--quiet"]) == 0
+    [page] = [p for p in out.glob("*.html") if "pgd-at" in p.read_text() and "dp-sgd" in p.read_text()]
+
+    class Links(HTMLParser):
+        hrefs: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "a":
+                self.hrefs.append(dict(attrs)["href"])
+
+    p = Links()
+    p.hrefs = []
+    p.feed(page.read_text())
+    reports = [h for h in p.hrefs if h.endswith("report.html")]
+    assert len(reports) == 3
+    for h in reports:
+        assert not h.startswith("/") and ":" not in h
+        target = (page.parent / h).resolve()
+        assert target.exists() and target.parent.parent == runs.resolve()
+        assert "<!DOCTYPE html>" in target.read_text()[:40]
