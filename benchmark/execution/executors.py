@@ -7,8 +7,19 @@ from .local import EXECUTORS, LocalExecutor, default_workers
 
 
 def make_executor(name: str = "local", *, workers: int | None = None, address: str | None = None,
-                  progress: bool = False, threads: int | None = 1, on_job=None, log=None):
-    """The executor called ``name`` (``local`` or ``ray``) for a run's declared jobs."""
+                  progress: bool = False, threads: int | None = 1, on_job=None, log=None,
+                  train_mode: str | None = None):
+    """The executor called ``name`` (``local`` or ``ray``) for a run's declared jobs.
+
+    ``train_mode`` (local executor): ``auto`` (default; the environment variable
+    ``CFBENCH_TRAIN_MODE`` replaces the default), ``serial`` or ``batched`` -- whether jobs of
+    one small-model recipe train as batched ensembles (:mod:`cfbench.execution.batched`).
+    The Ray executor trains one job per task."""
+    import os
+
+    from .batched import check_train_mode
+
+    train_mode = check_train_mode(train_mode or os.environ.get("CFBENCH_TRAIN_MODE") or "auto")
     if name not in EXECUTORS:
         raise UsageError(f"unknown executor {name!r}. Valid choices: {', '.join(EXECUTORS)}.")
     if workers is not None and workers < 1:
@@ -21,4 +32,4 @@ def make_executor(name: str = "local", *, workers: int | None = None, address: s
     if address is not None:
         raise UsageError("--address applies to --executor ray only.")
     return LocalExecutor(workers=workers or default_workers(), progress=progress, threads=threads, on_job=on_job,
-                         log=log)
+                         log=log, train_mode=train_mode)

@@ -123,12 +123,17 @@ def _train(job: TrainingJob, path: Path, ckpt: Path, progress: bool) -> None:
                              cache_dir=job.cache_dir,
                              progress=progress, desc=job.desc, pool_positions=np.flatnonzero(job.subset),
                              run_jobs=lambda jobs: [run_job(j, progress=progress) for j in jobs])
-    seconds = time.perf_counter() - t0
+    save_model(job, path, model, fctx, time.perf_counter() - t0)
+    _remove_dir(ckpt)
+
+
+def save_model(job: TrainingJob, path: Path, model, fctx, seconds: float, **extra: Any) -> None:
+    """Write ``job``'s trained model atomically with its metadata (``extra``: e.g. the batched
+    ensemble's ``train_mode`` and ``batch_members``)."""
     from ..models import unwrap
 
     meta = {"kind": job.kind, **job.meta, "train_seed": int(job.seed),
             "subset_sha256": subset_sha(np.flatnonzero(job.subset)), "n_train": int(job.subset.sum()),
             "train_seconds": seconds, **model_meta(job.cfg, job.data, fctx),
-            "final_loss": (fctx.history[-1].get("loss") if fctx.history else None)}
+            "final_loss": (fctx.history[-1].get("loss") if fctx.history else None), **extra}
     save_tensors_atomic(path, unwrap(model).state_dict(), meta)
-    _remove_dir(ckpt)

@@ -99,16 +99,26 @@ def _data_for(cfg) -> Any:
     return _WORKER_DATA[key]
 
 
-def run_remote(job: RemoteJob) -> str:
-    """Worker entry point (also Ray's task body): rebuild the job with data reloaded from its
-    recipe, check them against the parent's sha256, run it; returns the model path."""
+def _rebuild(job: RemoteJob) -> TrainingJob:
     data, sha = _data_for(job.cfg)
     if job.data_sha256 and sha != job.data_sha256:
         raise DataMismatch(f"the data of job {job.desc!r}, reloaded from its recipe, differ from the caller's "
                            "(changed in memory?)")
-    full = TrainingJob(cfg=job.cfg, data=data, subset=job.subset, seed=job.seed, path=job.path,
+    return TrainingJob(cfg=job.cfg, data=data, subset=job.subset, seed=job.seed, path=job.path,
                        cache_dir=job.cache_dir, kind=job.kind, desc=job.desc, meta=job.meta)
-    return str(run_job(full, progress=False))
+
+
+def run_remote(job: RemoteJob) -> str:
+    """Worker entry point (also Ray's task body): rebuild the job with data reloaded from its
+    recipe, check them against the parent's sha256, run it; returns the model path."""
+    return str(run_job(_rebuild(job), progress=False))
+
+
+def run_remote_group(jobs: Sequence[RemoteJob]) -> list[tuple[str, str]]:
+    """Worker entry point of a batched unit (:func:`cfbench.execution.batched.run_group`)."""
+    from .batched import run_group
+
+    return [(str(p), how) for p, how in run_group([_rebuild(j) for j in jobs], progress=False)]
 
 
 # -- parent side -------------------------------------------------------------------------
@@ -120,8 +130,13 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, *, workers: int = 1, progress: bool = False, threads: int | None = 1,
-                 on_job: Callable[[TrainingJob], None] | None = None, log: Callable[..., None] | None = None):
+                 on_job: Callable[[TrainingJob], None] | None = None, log: Callable[..., None] | None = None,
+                 train_mode: str = "serial"):
+        from .batched import check_train_mode
+
         self.workers = int(workers)
+        #: ``serial``, ``batched`` or ``auto`` (:mod:`cfbench.execution.batched`)
+        self.train_mode = check_train_mode(train_mode)
         self.progress = progress
         self.threads = threads
         self.on_job = on_job
@@ -130,8 +145,9 @@ class LocalExecutor:
         self._futures: dict[Path, Future] = {}
         self._seen: set[Path] = set()
         self._sha: dict[int, str] = {}
-        #: how each job was run: {path: "cached" | "in-process" | "worker"}
+        #: how each job was run: {path: "cached" | "in-process" | "worker" | "batched" | "worker-batched"}
         self.modes: dict[str, str] = {}
+        self._group_results: dict[Path, tuple[Path, str]] = {}
 
     # -- helpers
     def _declare(self, job: TrainingJob) -> bool:
@@ -160,16 +176,30 @@ class LocalExecutor:
     # -- API
     def submit(self, jobs: Sequence[TrainingJob]) -> None:
         """Start ``jobs`` in the background (pool only; a no-op in-process)."""
+        fresh = []
         for job in jobs:
             self._declare(job)
             path = Path(job.path)
-            if self.workers <= 1 or path in self._futures or path.exists():
+            if self.workers <= 1 or path in self._futures or path.exists() or any(job.path == j.path for j in fresh):
                 continue
-            self._futures[path] = self._ensure_pool().submit(run_remote, RemoteJob.of(job, self._data_sha(job)))
+            fresh.append(job)
+        from .batched import plan
+
+        for unit, batched in plan(fresh, self.train_mode, self.workers):
+            if batched:
+                fut = self._ensure_pool().submit(run_remote_group, [RemoteJob.of(j, self._data_sha(j)) for j in unit])
+            else:
+                fut = self._ensure_pool().submit(run_remote, RemoteJob.of(unit[0], self._data_sha(unit[0])))
+            for j in unit:
+                self._futures[Path(j.path)] = fut
 
     def run(self, jobs: Sequence[TrainingJob]) -> list[Path]:
         """Run (or wait for) every job; their model paths in order."""
         self.submit(jobs)
+        from .batched import plan, run_group
+
+        local = [j for j in jobs if Path(j.path) not in self._futures and not Path(j.path).exists()]
+        groups = {Path(j.path): unit for unit, batched in plan(local, self.train_mode, 1) if batched for j in unit}
         out = []
         for job in jobs:
             self._declare(job)
@@ -177,8 +207,14 @@ class LocalExecutor:
             fut = self._futures.get(path)
             if fut is not None:
                 try:
-                    out.append(Path(fut.result()))
-                    self.modes[str(path)] = "worker"
+                    res = fut.result()
+                    if isinstance(res, list):                   # a batched unit: [(path, how), ...]
+                        got = dict(res)[str(path)]
+                        out.append(path)
+                        self.modes[str(path)] = "worker-batched" if got == "batched" else f"worker-{got}"
+                    else:
+                        out.append(Path(res))
+                        self.modes[str(path)] = "worker"
                     if self.progress:
                         from ..progress import log_line
 
@@ -186,6 +222,14 @@ class LocalExecutor:
                     continue
                 except DataMismatch:
                     pass  # reproducible only from the caller's in-memory data: run it here
+            if path in groups and path not in self._group_results:
+                for p, how in run_group(groups[path], progress=self.progress):
+                    self._group_results[p] = (p, {"batched": "batched", "serial": "in-process"}.get(how, how))
+            if path in self._group_results and path in groups:
+                p, how = self._group_results[path]
+                out.append(p)
+                self.modes[str(path)] = how
+                continue
             cached = path.exists()
             out.append(run_job(job, progress=self.progress))
             self.modes[str(path)] = "cached" if cached else "in-process"
