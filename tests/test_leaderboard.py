@@ -406,27 +406,52 @@ def test_bad_record_files_are_listed_not_fatal(tmp_path, capsys):
     assert "4 unusable record files left out" in out.out
 
 
-def test_schema_1_records_still_load_and_rebuild_the_committed_table(tmp_path):
-    """The committed digits records were written with schema version 1; read through the
-    store they are upgraded to the current schema and rebuild the committed table exactly."""
+def test_schema_1_records_still_load_and_rebuild_their_table(tmp_path):
+    """The digits records committed before the demo protocol (schema version 1, kept in
+    tests/fixtures/schema1_digits with the table built from them): read through the store they
+    are upgraded to the current schema and rebuild that table's numbers exactly."""
     from cfbench.store import SCHEMA_VERSION, iter_records
 
-    committed = Path(__file__).resolve().parents[1] / "leaderboards"
-    raw = [json.loads(p.read_text()) for p in sorted((committed / "runs").rglob("record.json"))]
+    fixture = Path(__file__).resolve().parent / "fixtures" / "schema1_digits"
+    raw = [json.loads(p.read_text()) for p in sorted((fixture / "runs").rglob("record.json"))]
     assert raw and all(r["schema_version"] == 1 for r in raw)
-    recs = list(iter_records(committed / "runs"))
+    recs = list(iter_records(fixture / "runs"))
     assert len(recs) == len(raw) and all(r["schema_version"] == SCHEMA_VERSION == 3 for r in recs)
     # no AutoAttack check warned on these runs: no sanity flags after the upgrade
     assert all(r["jobs"] == [] and r["examples"] == [] and r["flags"] == [] for r in recs)
-    boards = build(committed / "runs", "digits", runs_label="leaderboards/runs")
+    boards = build(fixture / "runs", "digits", runs_label="leaderboards/runs")
     assert len(boards) == 1
     rows = boards[0].rows
-    stored = json.loads((committed / "digits-cnn8-Linf-0.1.json").read_text())
-    # the same recipes with the same numbers as the table committed from them (columns added
-    # since then may differ; the numbers of the old ones may not)
+    stored = json.loads((fixture / "table.json").read_text())
+    assert boards[0].protocol_id == stored["protocol_id"]  # protocol ids never change
     got = {r["label"]: round(r["clean_mean"], 6) for _, r in rows.iterrows()}
     want = {r["label"]: round(r["clean_accuracy"]["mean"], 6) for r in stored["rows"]}
     assert got == want
+
+
+def test_the_committed_table_is_what_its_runs_give():
+    """leaderboards/<digits table>.* is exactly what `cfbench leaderboard` builds from
+    leaderboards/runs today (same numbers, same source digest: not stale)."""
+    from cfbench.present.report import staleness
+
+    committed = Path(__file__).resolve().parents[1] / "leaderboards"
+    [path] = sorted(committed.glob("digits-*.json"))
+    stored = json.loads(path.read_text())
+    boards = build(committed / "runs", "digits", runs_label="leaderboards/runs")
+    [lb] = [b for b in boards if b.protocol_id == stored["protocol_id"]]
+    assert lb.name == stored["name"] == path.name[:-5]
+    assert lb.source_digest == stored["source"]["digest"]
+    fresh = json.loads(json.dumps(to_json_obj(lb)))
+    for a, b in zip(fresh["rows"], stored["rows"]):
+        assert a == b
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(committed.parent)
+        assert staleness(stored)[0] == "current"
+    finally:
+        os.chdir(cwd)
 
 
 # ------------------------------------------------------------- names, overwrites, stale files

@@ -5,6 +5,7 @@ test_report_browser.py.)"""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import struct
 from html.parser import HTMLParser
@@ -357,11 +358,16 @@ def test_stale_leaderboard_is_flagged_or_refused(tmp_path, capsys):
     lbdir = tmp_path / "lb"
     assert main(["leaderboard", "--runs", str(runs), "--out", str(lbdir), "--quiet", "--no-reports"]) == 0
     [name] = [p.name[:-5] for p in lbdir.glob("*.json")]
-    warned = []
-    html = leaderboard_report(name, leaderboards=lbdir, warn=warned.append)
-    assert warned == [] and "Stale:" not in html
+    from cfbench.present.report import staleness
+
+    def state():
+        return staleness(json.loads((lbdir / f"{name}.json").read_text()))
+
+    assert state()[0] == "current"
     # a new run of the same protocol: the table no longer matches its runs
     write_record(runs, make_record(defense="trades", family="adversarial", robust=0.6))
+    assert state()[0] == "stale" and "changed since it was built" in state()[1]
+    warned = []
     html = leaderboard_report(name, leaderboards=lbdir, warn=warned.append)
     assert "Stale:" in html and len(warned) == 1 and "changed since it was built" in warned[0]
     with pytest.raises(UsageError, match="stale"):
@@ -370,18 +376,22 @@ def test_stale_leaderboard_is_flagged_or_refused(tmp_path, capsys):
     assert main(["report", "--leaderboard", name, "--leaderboards", str(lbdir), "--strict",
                  "--out", str(tmp_path / "x.html")]) == 2
     assert "stale" in capsys.readouterr().err
-    assert main(["report", "--leaderboard", name, "--leaderboards", str(lbdir), "--out", str(tmp_path / "x.html")]) == 0
-    assert "warning: leaderboard" in capsys.readouterr().err
     # rebuilt: current again
     assert main(["leaderboard", "--runs", str(runs), "--out", str(lbdir), "--quiet", "--no-reports"]) == 0
-    warned.clear()
-    assert "Stale:" not in leaderboard_report(name, leaderboards=lbdir, warn=warned.append) and warned == []
-    # runs gone: it cannot be checked, and says so
+    assert state()[0] == "current"
+    # its protocol's runs removed: stale (the rebuild removes the table); runs folder gone: not checkable
     import shutil
 
+    for d in runs.iterdir():
+        shutil.rmtree(d)
+    write_record(runs, make_record(defense="erm", eps=0.3))
+    assert state()[0] == "stale" and "no finished run of its protocol" in state()[1]
     shutil.rmtree(runs)
-    html = leaderboard_report(name, leaderboards=lbdir, warn=warned.append)
-    assert "Not checked against its runs" in html and len(warned) == 1
+    assert state()[0] == "unknown" and "not here" in state()[1]
+    # a table an older cfbench wrote (no digest): cannot be checked, and says so
+    old = json.loads((lbdir / f"{name}.json").read_text())
+    old.pop("source")
+    assert staleness(old)[0] == "unknown" and "older cfbench" in staleness(old)[1]
 
 
 def test_leaderboard_name_without_hash_resolves_when_unambiguous(run_store, tmp_path, capsys):
@@ -406,12 +416,12 @@ def test_leaderboard_name_without_hash_resolves_when_unambiguous(run_store, tmp_
     assert main_name in str(e.value) and o.name in str(e.value)
 
 
-def test_leaderboard_rows_link_to_run_reports(run_store, tmp_path):
-    import shutil
+def test_leaderboard_rows_link_to_run_reports(tmp_path):
     from html.parser import HTMLParser
 
     runs = tmp_path / "runs"
-    shutil.copytree(run_store[0], runs)
+    for d in ("erm", "pgd-at", "dp-sgd"):   # light records: few figures per run report
+        write_record(runs, make_record(defense=d, evaluators=("clean", "pgd")))
     out = tmp_path / "boards"
     assert main(["leaderboard", "--dataset", "digits", "--runs", str(runs), "--out", str(out), "--quiet"]) == 0
     [page] = [p for p in out.glob("*.html") if "pgd-at" in p.read_text() and "dp-sgd" in p.read_text()]

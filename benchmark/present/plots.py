@@ -241,7 +241,10 @@ def tradeoff_figure(points: Sequence[Mapping[str, Any]], *, x: str, y: str, xlab
         eps = p.get("epsilon")
         if eps is not None:
             text += f"  ε={'∞' if eps == math.inf else format(eps, '.3g')}"
-        ax.annotate(str(num_i), (px, py), textcoords="offset points", xytext=offsets[(num_i - 1) % 4],
+        off = offsets[(num_i - 1) % 4]
+        if p.get("highlight"):  # outside the ring drawn around the report's own run
+            off = (off[0] * 2, off[1] * 2 if off[1] > 0 else off[1] * 1.6)
+        ax.annotate(str(num_i), (px, py), textcoords="offset points", xytext=off,
                     fontsize=8, fontweight="bold", color="crimson" if p.get("highlight") else "black")
         key_lines.append(textwrap.fill(f"{num_i}  {text}", 38, subsequent_indent="     "))
     ranked = [p for p in shown if not p.get("off_front")]
