@@ -288,6 +288,11 @@ def _membership_scores(rec: Mapping[str, Any], run_dir: Path, attack: str | None
         return None
     score = np.asarray(z[f"score.{attack}"], dtype=float)
     member = np.asarray(z["member"], dtype=bool)
+    if score.shape != member.shape:
+        return None
+    for key in ("pool_idx", "label"):   # per-example fields that do not line up are not used
+        if key in z and np.shape(z[key]) != member.shape:
+            z.pop(key)
     hist = plots.score_histogram(score[member], score[~member], attack=attack)
     neg = np.sort(score[~member & np.isfinite(score)])
     order = [i for i in np.argsort(-np.where(np.isfinite(score), score, -np.inf)) if member[i]
@@ -302,6 +307,8 @@ def _membership_scores(rec: Mapping[str, Any], run_dir: Path, attack: str | None
     x = _train_images(rec) if "pool_idx" in z else None
     if x is not None and top:
         try:
+            if max(t["index"] for t in top) >= len(x):
+                raise IndexError(f"pool index {max(t['index'] for t in top)} beyond the {len(x)} training images")
             imgs = np.stack([x[t["index"]] for t in top]).astype(np.float32)
             img = plots.examples_figure([("most vulnerable members", imgs,
                                           [f"#{t['rank']} y={t['label']}" for t in top])])
