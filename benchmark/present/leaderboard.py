@@ -1,9 +1,9 @@
 """Leaderboards: stored records that share a protocol, aggregated into tables.
 
-``cfbench leaderboard [--dataset D] [--runs DIR] [--out DIR]`` reads every record under
-``DIR`` (default ``runs/``), groups the finished ones (``status == "ok"``) by **protocol**,
-and writes one table per protocol as ``<out>/<name>.{md,csv,json,html}``, each headed by the
-protocol and the command that rebuilds it.  This module builds the tables
+``cfbench leaderboard [--dataset D] [--defense A,B] [--runs DIR] [--out DIR]`` reads every
+record under ``DIR`` (default ``runs/``), groups the finished ones (``status == "ok"``) by
+**protocol**, and writes one table per protocol as ``<out>/<name>.{md,csv,json,html,tex}``,
+each headed by the protocol and the command that rebuilds it.  This module builds the tables
 (:class:`Leaderboard`); :mod:`.writers` writes them.
 
 Protocol
@@ -26,10 +26,10 @@ Rows
     One row per *recipe*: defense (name, version, hyper-parameters) and training budget
     (``config.train``), aggregated over training seeds.  Records with the same config hash
     are duplicates (a copied run); only the newest is kept.  Each number is the mean over
-    seeds, ``± std`` the sample standard deviation (``ddof = 1``; no ± with one seed).
-    Brackets are 95% intervals: the record's own interval with one seed (Clopper-Pearson
-    for rates), and with several seeds the smallest lower and largest upper bound over the
-    seeds (an envelope, not an interval of the mean).
+    seeds; ``_std`` (CSV / JSON) the sample standard deviation (``ddof = 1``).  One kind of
+    interval throughout (:data:`INTERVAL_TEXT`): 95%, the record's own interval with one seed
+    (Clopper-Pearson for rates), a Student-t interval of the mean over seeds with several
+    (:func:`seed_interval`); the row's ``interval`` says which.
 
 Columns
     clean accuracy; robust accuracy (AutoAttack); the strongest membership attack's AUC and
@@ -61,8 +61,11 @@ Sanity flags
     ranks it with the others, still marked.
 
 File names
-    ``<dataset>-<model>-<norm>-<eps>``; when several protocols of one build share that name,
-    each gets ``-<first 8 hex digits of its protocol id>`` appended.
+    ``<dataset>-<model>-<norm>-<eps>-<first 8 hex digits of the protocol id>`` always
+    (:func:`table_name`), plus ``-only-<d1>+<d2>`` for a ``--defense`` table: unique per protocol
+    and stable.  :func:`.writers.write_tables` refuses to overwrite a file of another protocol
+    or runs folder and removes the stale tables of the same build; :func:`source_digest` lets a
+    report tell a stale table from a current one.
 """
 
 from __future__ import annotations
