@@ -33,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     rec = read_record(a.run)
-    spec = get("dataset", rec["config"]["dataset"])()
+    spec = get("dataset", rec["config"]["dataset"]["name"])()
     ds = spec.load()
     half = len(ds.x_test) // 2
     if a.start + a.n > half:
