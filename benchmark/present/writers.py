@@ -466,9 +466,11 @@ def conflicts(boards: list[Leaderboard], out_dir: str | Path) -> list[str]:
                 problems.append(f"{out_dir / (lb.name + '.json')} holds another protocol, {_protocol_text(obj)}, "
                                 f"not {mine}")
             elif _norm((obj.get("source") or {}).get("runs", obj.get("runs"))) != _norm(lb.runs):
+                theirs = (obj.get("source") or {}).get("runs", obj.get("runs"))
                 problems.append(f"{out_dir / (lb.name + '.json')} was built from another runs folder "
-                                f"({(obj.get('source') or {}).get('runs', obj.get('runs'))}), not from {lb.runs}: "
-                                f"rebuilding it from {lb.runs} would drop its rows")
+                                f"({theirs}), not from {lb.runs}: rebuilding it from {lb.runs} would drop its rows "
+                                f"(same protocol: to add your runs to that table, copy their folders into {theirs} "
+                                f"and run `{obj.get('command') or 'cfbench leaderboard --runs ' + str(theirs)}`)")
         else:
             others = [out_dir / f"{lb.name}.{ext}" for ext in FORMATS if (out_dir / f"{lb.name}.{ext}").exists()]
             if others:
