@@ -7,29 +7,68 @@ robust accuracy under PGD-200 across the ``interpretation`` evaluator's eps grid
 interpretation robustness (Kendall tau / top-k overlap under the top-k AAI attack and under
 PGD, over unchanged predictions and over all images) and membership leakage (the ``mia``
 evaluator: the primary pooled attack, RMIA online, AUC and TPR at 1% FPR; the target-only loss
-and robust-loss threshold AUCs).  Values in percent where they are rates; [low, high] = 95%
-intervals as recorded (Clopper-Pearson, t, Hanley-McNeil).
+and robust-loss threshold AUCs).  Values in percent where they are rates.
+
+Intervals: with one seed per defense, ``[low, high]`` is the run's own 95% interval as
+recorded (Clopper-Pearson for rates, Student-t over images for tau / overlap, the MIA
+evaluator's for AUC / TPR).  With several seeds a cell is the **mean over seeds** and
+``[low, high]`` a two-sided 95% Student-t interval over the seeds (n = number of seeds;
+it measures seed-to-seed variation, the test images being the same in every run), followed
+by the seed count.  Then a per-seed table of robust accuracy and of the difference Int - PGD-AT
+at every radius (same seed, same 200 test images).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections import defaultdict
 from pathlib import Path
 
+ORDER = {"int": 0, "int2": 1, "int-one": 2, "int-adv": 3, "pgd-at": 4, "trades": 5, "erm": 6}
 
-def val(m, key, pct=True, ci=False, nd=1):
+
+def raw(m, key):
     x = m.get(key)
     if isinstance(x, dict):
-        v, lo, hi = x.get("value"), x.get("ci_low"), x.get("ci_high")
-    else:
-        v, lo, hi = x, None, None
-    if v is None:
-        return "n/a"
+        return x.get("value"), x.get("ci_low"), x.get("ci_high")
+    return x, None, None
+
+
+def seed_interval(values):
+    from scipy import stats
+
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None, None, 0
+    mean = sum(v) / len(v)
+    if len(v) == 1:
+        return mean, None, None, 1
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+    half = stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v))
+    return mean, mean - half, mean + half, len(v)
+
+
+def cell(runs, key, pct=True, ci=True, nd=1):
+    """One defense's cell: the run's value [its interval] for one seed, else the seed mean [t-interval] (n)."""
     f = 100 if pct else 1
-    s = f"{v * f:.{nd}f}"
-    if ci and lo is not None and hi is not None:
+    if len(runs) == 1:
+        v, lo, hi = raw(runs[0]["metrics"], key)
+        if v is None:
+            return "n/a"
+        s = f"{v * f:.{nd}f}"
+        if ci and lo is not None and hi is not None:
+            s += f" [{lo * f:.{nd}f}, {hi * f:.{nd}f}]"
+        return s
+    mean, lo, hi, n = seed_interval([raw(r["metrics"], key)[0] for r in runs])
+    if mean is None:
+        return "n/a"
+    s = f"{mean * f:.{nd}f}"
+    if ci and lo is not None:
         s += f" [{lo * f:.{nd}f}, {hi * f:.{nd}f}]"
+    if n != len(runs):
+        s += f" (n={n})"
     return s
 
 
@@ -40,61 +79,107 @@ def label(rec):
     return d["name"]
 
 
-def main(argv):
-    root = Path(argv[1] if len(argv) > 1 else "runs-evidence-int")
-    dataset = argv[2] if len(argv) > 2 else "digits"
-    recs = []
+def load(root: Path, dataset: str):
+    groups = defaultdict(list)
     for p in sorted(root.glob("*/record.json")):
         r = json.loads(p.read_text())
         if r.get("status") == "ok" and r["config"]["dataset"]["name"] == dataset:
-            recs.append(r)
-    order = {"int": 0, "int2": 1, "pgd-at": 2, "trades": 3, "erm": 4}
-    recs.sort(key=lambda r: order.get(label(r), 9))
-    if not recs:
+            groups[label(r)].append(r)
+    for runs in groups.values():
+        runs.sort(key=lambda r: r["config"]["seed"])
+    return dict(sorted(groups.items(), key=lambda kv: ORDER.get(kv[0], 9)))
+
+
+def main(argv):
+    root = Path(argv[1] if len(argv) > 1 else "runs-evidence-int")
+    dataset = argv[2] if len(argv) > 2 else "digits"
+    groups = load(root, dataset)
+    if not groups:
         print(f"no finished {dataset} runs in {root}")
         return 1
-    c = recs[0]["config"]
-    print(f"{dataset}, model {c['model']['name']}, {c['threat']['norm']} eps = {c['threat']['eps']} "
-          f"(training and AutoAttack), runs: {', '.join(r['run_id'] for r in recs)}\n")
-    grid = sorted({float(k.rsplit("robust_accuracy.", 1)[1]) for r in recs for k in r["metrics"]
+    first = next(iter(groups.values()))[0]["config"]
+    seeds = {d: [r["config"]["seed"] for r in runs] for d, runs in groups.items()}
+    print(f"{dataset}, model {first['model']['name']}, {first['threat']['norm']} eps = {first['threat']['eps']} "
+          f"(training and AutoAttack); seeds per defense: "
+          + ", ".join(f"{d} {s}" for d, s in seeds.items()) + "\n")
+    multi = any(len(r) > 1 for r in groups.values())
+    if multi:
+        print("(cells: mean over seeds [95% t-interval over seeds])\n")
+    allruns = [r for runs in groups.values() for r in runs]
+    grid = sorted({float(k.rsplit("robust_accuracy.", 1)[1]) for r in allruns for k in r["metrics"]
                    if k.startswith("interpretation.robust_accuracy.")})
+
     print("| defense | clean | AutoAttack | " + " | ".join(f"PGD-200 {e:g}" for e in grid) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in grid) + " |")
-    for r in recs:
-        m = r["metrics"]
-        cells = [val(m, f"interpretation.robust_accuracy.{e:.6g}") for e in grid]
-        print(f"| {label(r)} | {val(m, 'clean.accuracy', ci=True)} | {val(m, 'robust.autoattack.accuracy', ci=True)} | "
+    for d, runs in groups.items():
+        cells = [cell(runs, f"interpretation.robust_accuracy.{e:.6g}") for e in grid]
+        print(f"| {d} | {cell(runs, 'clean.accuracy')} | {cell(runs, 'robust.autoattack.accuracy')} | "
               + " | ".join(cells) + " |")
     print()
-    print("| defense | AAI unchanged | AAI tau | AAI top-k | AAI tau (all) | AAI top-k (all) | "
-          "PGD unchanged | PGD tau | PGD top-k | PGD tau (all) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in recs:
-        m = r["metrics"]
-        a, e = "interpretation.aai.", "interpretation.evasion."
-        print(f"| {label(r)} | {val(m, a + 'unchanged')} | {val(m, a + 'kendall_tau', False, True, 3)} | "
-              f"{val(m, a + 'topk_overlap', False, False, 3)} | {val(m, a + 'kendall_tau_all', False, True, 3)} | "
-              f"{val(m, a + 'topk_overlap_all', False, False, 3)} | {val(m, e + 'unchanged')} | "
-              f"{val(m, e + 'kendall_tau', False, True, 3)} | {val(m, e + 'topk_overlap', False, False, 3)} | "
-              f"{val(m, e + 'kendall_tau_all', False, True, 3)} |")
+
+    a, e = "interpretation.aai.", "interpretation.evasion."
+    print("| defense | AAI unchanged | AAI tau | AAI top-k | AAI tau (all) | AAI top-k (all) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for d, runs in groups.items():
+        print(f"| {d} | {cell(runs, a + 'unchanged', ci=False)} | {cell(runs, a + 'kendall_tau', False, nd=3)} | "
+              f"{cell(runs, a + 'topk_overlap', False, nd=3)} | {cell(runs, a + 'kendall_tau_all', False, nd=3)} | "
+              f"{cell(runs, a + 'topk_overlap_all', False, nd=3)} |")
     print()
-    print("| defense | train acc | gap | MIA primary AUC (pooled RMIA online) | TPR @ 1% FPR | loss AUC (target) | "
-          "robust-loss AUC (target) | best AUC (target, selection-biased) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in recs:
-        m = r["metrics"]
-        best = m.get("mia.best.auc") or {}
-        print(f"| {label(r)} | {val(m, 'clean.train_accuracy')} | {val(m, 'clean.generalization_gap')} | "
-              f"{val(m, 'mia.primary.auc', ci=True)} | {val(m, 'mia.primary.tpr_at_fpr.0.01', ci=True)} | "
-              f"{val(m, 'mia.loss.auc', ci=True)} | {val(m, 'mia.robust_loss.auc', ci=True)} | "
-              f"{val(m, 'mia.best.auc')} ({best.get('attack')}) |")
+    print("| defense | PGD unchanged | PGD tau | PGD top-k | PGD tau (all) | PGD top-k (all) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for d, runs in groups.items():
+        print(f"| {d} | {cell(runs, e + 'unchanged', ci=False)} | {cell(runs, e + 'kendall_tau', False, nd=3)} | "
+              f"{cell(runs, e + 'topk_overlap', False, nd=3)} | {cell(runs, e + 'kendall_tau_all', False, nd=3)} | "
+              f"{cell(runs, e + 'topk_overlap_all', False, nd=3)} |")
     print()
-    print("| defense | train s | eval s | interpretation eval s |")
-    print("| --- | --- | --- | --- |")
-    for r in recs:
-        t = r.get("timings", {})
-        print(f"| {label(r)} | {t.get('train', 0):.0f} | {t.get('total', 0) - t.get('train', 0):.0f} | "
-              f"{t.get('eval.interpretation', 0):.0f} |")
+
+    print("| defense | train acc | gap | MIA AUC (pooled RMIA online) | TPR @ 1% FPR (pooled) | loss AUC (target) | "
+          "robust-loss AUC (target) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for d, runs in groups.items():
+        print(f"| {d} | {cell(runs, 'clean.train_accuracy', ci=False)} | "
+              f"{cell(runs, 'clean.generalization_gap', ci=False)} | {cell(runs, 'mia.primary.auc')} | "
+              f"{cell(runs, 'mia.primary.tpr_at_fpr.0.01')} | {cell(runs, 'mia.loss.auc')} | "
+              f"{cell(runs, 'mia.robust_loss.auc')} |")
+    print()
+
+    print("Per seed: PGD-200 robust accuracy (%) and, for int / int2, the difference to PGD-AT of the same seed "
+          "(points).\n")
+    print("| defense | seed | clean | AutoAttack | " + " | ".join(f"{e:g}" for e in grid) + " |")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in grid) + " |")
+    pgd_at = {r["config"]["seed"]: r["metrics"] for r in groups.get("pgd-at", [])}
+
+    def v(m, key):
+        x = raw(m, key)[0]
+        return None if x is None else 100 * x
+
+    for d, runs in groups.items():
+        for r in runs:
+            m = r["metrics"]
+            vals = [v(m, f"interpretation.robust_accuracy.{x:.6g}") for x in grid]
+            print(f"| {d} | {r['config']['seed']} | {v(m, 'clean.accuracy'):.1f} | "
+                  f"{v(m, 'robust.autoattack.accuracy'):.1f} | "
+                  + " | ".join("n/a" if x is None else f"{x:.1f}" for x in vals) + " |")
+            ref = pgd_at.get(r["config"]["seed"])
+            if d in ("int", "int2") and ref is not None:
+                diffs = []
+                for x, mine in zip(grid, vals):
+                    theirs = v(ref, f"interpretation.robust_accuracy.{x:.6g}")
+                    diffs.append("n/a" if mine is None or theirs is None else f"{mine - theirs:+.1f}")
+                print(f"| {d} - pgd-at | {r['config']['seed']} | "
+                      f"{v(m, 'clean.accuracy') - v(ref, 'clean.accuracy'):+.1f} | "
+                      f"{v(m, 'robust.autoattack.accuracy') - v(ref, 'robust.autoattack.accuracy'):+.1f} | "
+                      + " | ".join(diffs) + " |")
+    print()
+
+    print("| defense | seeds | train s (mean) | evaluation s (mean, without MIA reference training) | "
+          "interpretation s | autoattack s | mia s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for d, runs in groups.items():
+        def mean_t(key):
+            return sum(r.get("timings", {}).get(key, 0) for r in runs) / len(runs)
+        print(f"| {d} | {len(runs)} | {mean_t('train'):.0f} | {mean_t('total') - mean_t('train'):.0f} | "
+              f"{mean_t('eval.interpretation'):.0f} | {mean_t('eval.autoattack'):.0f} | {mean_t('eval.mia'):.0f} |")
     return 0
 
 
