@@ -14,7 +14,7 @@ recorded (Clopper-Pearson for rates, Student-t over images for tau / overlap, th
 evaluator's for AUC / TPR).  With several seeds a cell is the **mean over seeds** and
 ``[low, high]`` a two-sided 95% Student-t interval over the seeds (n = number of seeds;
 it measures seed-to-seed variation, the test images being the same in every run), followed
-by the seed count.  Then a per-seed table of robust accuracy and of the difference Int - PGD-AT
+by the seed count.  One section per training eps.  Then a per-seed table of robust accuracy and of the difference Int - PGD-AT
 at every radius (same seed, same 200 test images).
 """
 
@@ -80,23 +80,36 @@ def label(rec):
 
 
 def load(root: Path, dataset: str):
-    groups = defaultdict(list)
+    """{training eps: {defense label: [records by seed]}} of the finished runs of ``dataset``."""
+    by_eps = defaultdict(lambda: defaultdict(list))
     for p in sorted(root.glob("*/record.json")):
         r = json.loads(p.read_text())
         if r.get("status") == "ok" and r["config"]["dataset"]["name"] == dataset:
-            groups[label(r)].append(r)
-    for runs in groups.values():
-        runs.sort(key=lambda r: r["config"]["seed"])
-    return dict(sorted(groups.items(), key=lambda kv: ORDER.get(kv[0], 9)))
+            by_eps[float(r["config"]["threat"]["eps"])][label(r)].append(r)
+    out = {}
+    for eps in sorted(by_eps, reverse=True):
+        groups = by_eps[eps]
+        for runs in groups.values():
+            runs.sort(key=lambda r: r["config"]["seed"])
+        out[eps] = dict(sorted(groups.items(), key=lambda kv: ORDER.get(kv[0], 9)))
+    return out
 
 
 def main(argv):
     root = Path(argv[1] if len(argv) > 1 else "runs-evidence-int")
     dataset = argv[2] if len(argv) > 2 else "digits"
-    groups = load(root, dataset)
-    if not groups:
+    sections = load(root, dataset)
+    if not sections:
         print(f"no finished {dataset} runs in {root}")
         return 1
+    for eps, groups in sections.items():
+        print(f"## trained at eps {eps:g}\n")
+        section(groups, dataset)
+        print()
+    return 0
+
+
+def section(groups, dataset):
     first = next(iter(groups.values()))[0]["config"]
     seeds = {d: [r["config"]["seed"] for r in runs] for d, runs in groups.items()}
     print(f"{dataset}, model {first['model']['name']}, {first['threat']['norm']} eps = {first['threat']['eps']} "
@@ -172,7 +185,7 @@ def main(argv):
                       + " | ".join(diffs) + " |")
     print()
 
-    print("| defense | seeds | train s (mean) | evaluation s (mean, without MIA reference training) | "
+    print("| defense | seeds | train s (mean) | evaluation s (mean; MIA includes its reference training) | "
           "interpretation s | autoattack s | mia s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for d, runs in groups.items():
@@ -180,7 +193,6 @@ def main(argv):
             return sum(r.get("timings", {}).get(key, 0) for r in runs) / len(runs)
         print(f"| {d} | {len(runs)} | {mean_t('train'):.0f} | {mean_t('total') - mean_t('train'):.0f} | "
               f"{mean_t('eval.interpretation'):.0f} | {mean_t('eval.autoattack'):.0f} | {mean_t('eval.mia'):.0f} |")
-    return 0
 
 
 if __name__ == "__main__":
