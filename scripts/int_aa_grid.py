@@ -1,6 +1,6 @@
 """AutoAttack (standard) beyond the training eps on the finished runs of the Int evidence (docs/int.md).
 
-    .venv/bin/python scripts/int_aa_grid.py [runs-evidence-int] [digits] [0.25,0.3] [n_examples=200] [seeds=0]
+    .venv/bin/python scripts/int_aa_grid.py [runs-evidence-int] [digits] [0.25,0.3] [n_examples=200] [seeds=0] [train_eps=all]
 
 The ``autoattack`` evaluator attacks at the run's own (training) eps only; the paper's claim is
 about larger radii, where the ``interpretation`` evaluator's grid uses the paper's PGD-200 (fixed
@@ -32,6 +32,7 @@ def main(argv):
     radii = [float(e) for e in (argv[3] if len(argv) > 3 else "0.25,0.3").split(",")]
     n = int(argv[4]) if len(argv) > 4 else 200
     seeds = {int(s) for s in (argv[5] if len(argv) > 5 else "0").split(",")}
+    train_eps = float(argv[6]) if len(argv) > 6 else None
     torch.set_num_threads(1)
     data = load_data(make_config(dataset=dataset))
     x, y = data.x_test[:n], data.y_test[:n]
@@ -40,6 +41,8 @@ def main(argv):
         rec = json.loads(rec_path.read_text())
         c = rec["config"]
         if rec.get("status") != "ok" or c["dataset"]["name"] != dataset or c["seed"] not in seeds:
+            continue
+        if train_eps is not None and abs(float(c["threat"]["eps"]) - train_eps) > 1e-9:
             continue
         d = c["defense"]
         name = d["params"]["variant"] if d["name"] == "int-at" else d["name"]
@@ -52,10 +55,10 @@ def main(argv):
             with torch.no_grad():
                 robust = int((model(xa).argmax(1) == y).sum())
             row[f"{eps:g}"] = {**proportion(robust, n), "seconds": time.perf_counter() - t0}
-        out[f"{name} s{c['seed']}"] = row
-        print(f"{name} s{c['seed']}: " + ", ".join(f"{k}: {100 * v['value']:.1f}%" for k, v in row.items()),
+        out[f"{name} s{c['seed']} (trained at {c['threat']['eps']:g})"] = row
+        print(f"{name} s{c['seed']} eps {c['threat']['eps']:g}: " + ", ".join(f"{k}: {100 * v['value']:.1f}%" for k, v in row.items()),
               file=sys.stderr)
-    (root / f"aa_grid_{dataset}.json").write_text(json.dumps(out, indent=1))
+    (root / f"aa_grid_{dataset}{'' if train_eps is None else f'_eps{train_eps:g}'}.json").write_text(json.dumps(out, indent=1))
     print("| run | " + " | ".join(f"AutoAttack {e:g}" for e in radii) + " |")
     print("| --- | " + " | ".join("---" for _ in radii) + " |")
     for k, row in out.items():
