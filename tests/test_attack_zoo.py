@@ -21,7 +21,8 @@ from cfbench.params import build
 from cfbench.testing.tiny import eval_context, fit_context, tiny_config, tiny_data
 from cfbench.training.recipe import build_model_for
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "leaderboards" / "runs" / "digits-pgd-at-cnn8-s0-1aba5b5501"
+#: the committed digits leaderboard's PGD-AT run (its id changes when the leaderboard is rebuilt)
+CHECKPOINT = next((Path(__file__).resolve().parents[1] / "leaderboards" / "runs").glob("digits-pgd-at-cnn8-s0-*"))
 FAST = {"n_examples": 40, "steps": 10, "square_queries": 100, "spsa_iterations": 2, "spsa_samples": 16,
         "eot_samples": 2}
 
