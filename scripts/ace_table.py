@@ -82,7 +82,7 @@ def main() -> None:
           + " | ".join(f"primary TPR@{100 * float(f):g}% FPR %" for f in fprs)
           + " | loss-attack AUC % | best-attack AUC % (selection-biased) | CF flip rate % | replaced % | "
           "CF L1 to x_nn | stage-1 s | run id |")
-    print("| --- " * (10 + len(fprs)) + "|")
+    print("| --- " * (12 + len(fprs)) + "|")
     for r in sorted(cfat, key=lambda r: r["config"]["defense"]["params"].get("generator", "")):
         m = r["metrics"]
         g = r["config"]["defense"]["params"].get("generator", "proto-cf")
