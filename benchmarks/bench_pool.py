@@ -1,16 +1,22 @@
-"""Training a pool of models: one after another in one process vs the local process pool.
+"""Training a pool of models: one after another, a process pool, batched ensembles, both.
 
 A pool of 8 cnn8 PGD-AT reference models on digits (each on M = 648 members, PGD-10,
-``EPOCHS`` epochs): wall time of
+batch 128, ``EPOCHS`` epochs -- shortened from the dataset's 30 so a round takes minutes;
+the ratios are per training step and do not depend on the epoch count beyond the pool's
+fixed start-up cost, which a shorter run overstates): wall time of
 
-* ``serial``  -- :func:`cfbench.execution.local.run_jobs` (in-process, one after another, one thread);
-* ``pool``    -- ``LocalExecutor(workers=cores)`` (spawned workers, one torch thread each);
-* ``threads`` -- serial, but with torch's default intra-op threads (one per core): the "just
-  use more threads" alternative.
+* ``serial``          -- in-process, one after another, one torch thread (``train_mode=serial``);
+* ``pool``            -- ``LocalExecutor(workers=cores)``, one job per spawned worker, one thread each;
+* ``batched``         -- all 8 as one stacked network in this process, one thread
+  (:mod:`cfbench.training.ensemble`);
+* ``batched+pool``    -- ``LocalExecutor(workers=cores, train_mode="auto")``: cores groups of
+  8 / cores members, one per worker (what ``cfbench run`` does by default);
+* ``batched+threads`` -- the stacked network in this process with one torch thread per core;
+* ``threads``         -- serial with one torch thread per core (the "just use more threads" idea).
 
-Sides alternate per round (serial, pool, threads, serial, ...) and each round trains into a
-fresh cache, so no side reuses another's models; the ratios of medians go into
-``extra_info`` and are printed.  Run: ``.venv/bin/pytest benchmarks/bench_pool.py --benchmark-only -s``
+Sides alternate within each round and each side trains into a fresh cache, so nothing is
+reused; the ratios of medians to ``serial`` go into ``extra_info`` and are printed.
+Run: ``.venv/bin/python -m pytest benchmarks/bench_pool.py --benchmark-only -s``
 """
 
 from __future__ import annotations
@@ -25,44 +31,70 @@ import pytest
 import torch
 
 from cfbench.execution import reference as XR
-from cfbench.execution.local import LocalExecutor, default_workers, run_jobs
+from cfbench.execution.local import LocalExecutor, default_workers
 from cfbench.testing.tiny import tiny_config, tiny_data
 
 K = 8
-EPOCHS = 3
+EPOCHS = 2
 ROUNDS = 2
 
 
-def _jobs(root: Path):
-    cfg = tiny_config("pgd-at", sets={"data.pool_size": None, "model.width": 32, "epochs": EPOCHS,
-                                      "data.test_size": 100, "train.batch_size": 128})
+#: the ERM variant (no inner loop: a step is mostly per-call overhead, where batching wins most)
+ERM_EPOCHS = 10
+
+
+def _jobs(root: Path, defense: str = "pgd-at", epochs: int = EPOCHS):
+    cfg = tiny_config(defense, sets={"data.pool_size": None, "model.width": 32, "epochs": epochs,
+                                     "data.test_size": 100, "train.batch_size": 128})
     data = tiny_data(cfg)
     return XR.reference_jobs(cfg, data, K, root)
 
 
-def _serial(root: Path, threads: int = 1) -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        run_jobs(_jobs(root))
-    finally:
-        torch.set_num_threads(before)
+def _in_process(mode: str, threads: int, **kw):
+    def side(root: Path) -> None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            ex = LocalExecutor(workers=1, train_mode=mode)
+            paths = ex.run(_jobs(root, **kw))
+            assert {ex.modes[str(p)] for p in paths} == {"batched" if mode == "batched" else "in-process"}
+        finally:
+            torch.set_num_threads(before)
+    return side
 
 
-def _pool(root: Path) -> None:
-    with LocalExecutor(workers=default_workers()) as ex:
-        ex.run(_jobs(root))
+def _pool(mode: str, **kw):
+    def side(root: Path) -> None:
+        with LocalExecutor(workers=default_workers(), train_mode=mode) as ex:
+            paths = ex.run(_jobs(root, **kw))
+            assert {ex.modes[str(p)] for p in paths} == {"worker-batched" if mode == "auto" else "worker"}
+    return side
 
 
 @pytest.mark.benchmark(group="pool")
 def test_pool_vs_serial(benchmark):
-    sides = {"serial": lambda r: _serial(r, 1), "pool": _pool,
-             "threads": lambda r: _serial(r, default_workers())}
+    cores = default_workers()
+    sides = {"serial": _in_process("serial", 1), "pool": _pool("serial"), "batched": _in_process("batched", 1),
+             "batched+pool": _pool("auto"), "batched+threads": _in_process("batched", cores),
+             "threads": _in_process("serial", cores)}
+    _compare(benchmark, sides, f"{K} cnn8 PGD-AT models, {EPOCHS} epochs")
+
+
+@pytest.mark.benchmark(group="pool")
+def test_erm_pool_vs_serial(benchmark):
+    kw = {"defense": "erm", "epochs": ERM_EPOCHS}
+    sides = {"serial": _in_process("serial", 1, **kw), "pool": _pool("serial", **kw),
+             "batched": _in_process("batched", 1, **kw), "batched+pool": _pool("auto", **kw)}
+    _compare(benchmark, sides, f"{K} cnn8 ERM models, {ERM_EPOCHS} epochs")
+
+
+def _compare(benchmark, sides, title: str) -> None:
+    cores = default_workers()
     times: dict[str, list[float]] = {k: [] for k in sides}
 
     def one_round():
         for name, fn in sides.items():
-            root = Path(tempfile.mkdtemp(prefix=f"cfbench-bench-{name}-"))
+            root = Path(tempfile.mkdtemp(prefix=f"cfbench-bench-{name.replace('+', '-')}-"))
             t0 = time.perf_counter()
             fn(root)
             times[name].append(time.perf_counter() - t0)
@@ -70,7 +102,10 @@ def test_pool_vs_serial(benchmark):
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {"pool/serial": med["pool"] / med["serial"], "threads/serial": med["threads"] / med["serial"]}
-    benchmark.extra_info.update({"median_seconds": med, "ratios": ratios, "models": K, "epochs": EPOCHS,
-                                 "cores": default_workers()})
-    print(f"\n{K} cnn8 PGD-AT models, {EPOCHS} epochs: medians {med}; ratios {ratios}")
+    ratios = {f"{k}/serial": med[k] / med["serial"] for k in sides if k != "serial"}
+    benchmark.extra_info.update({"median_seconds": med, "all_seconds": times, "ratios": ratios, "models": K,
+                                 "title": title, "cores": cores})
+    print(f"\n{title}, {cores} cores, {ROUNDS} interleaved rounds")
+    for k in sides:
+        print(f"  {k:16s} median {med[k]:7.1f} s  ratio {med[k] / med['serial']:.3f}  "
+              f"(rounds: {', '.join(f'{t:.1f}' for t in times[k])})")

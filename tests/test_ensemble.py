@@ -87,6 +87,17 @@ def test_batched_training_matches_one_at_a_time_within_the_stated_tolerance(tmp_
         assert mb["final_loss"] == pytest.approx(ma["final_loss"], rel=1e-3 if adv else 1e-5)
 
 
+def test_batched_training_leaves_the_global_generator_where_serial_training_does(tmp_path):
+    cfg = tiny_config("pgd-at", sets={"defense.steps": 2})
+    data = tiny_data(cfg)
+    for j in XR.reference_jobs(cfg, data, 2, tmp_path / "s"):
+        run_job(j)
+    after_serial = torch.rand(3)
+    torch.manual_seed(123)                              # elsewhere
+    run_group(XR.reference_jobs(cfg, data, 2, tmp_path / "b"))
+    assert torch.equal(torch.rand(3), after_serial)
+
+
 def test_the_models_differ_from_each_other_so_the_match_above_is_not_trivial(tmp_path):
     cfg = tiny_config("erm", sets={"epochs": 2})
     data = tiny_data(cfg)

@@ -179,8 +179,9 @@ def batch_problem(cfg) -> str | None:
     if cfg.defense not in SUPPORTED_DEFENSES:
         return f"defense {cfg.defense!r} is not one of {', '.join(SUPPORTED_DEFENSES)}"
     cls = get("defense", cfg.defense)
-    if not cls.__module__.startswith("cfbench_baselines") or getattr(cls, "version", None) != SUPPORTED_DEFENSES[cfg.defense]:
-        return f"defense {cfg.defense!r} is not the built-in version {SUPPORTED_DEFENSES[cfg.defense]}"
+    version = SUPPORTED_DEFENSES[cfg.defense]
+    if not cls.__module__.startswith("cfbench_baselines") or getattr(cls, "version", None) != version:
+        return f"defense {cfg.defense!r} is not the built-in version {version}"
     if cfg.model not in SUPPORTED_MODELS:
         return f"model {cfg.model!r} is not one of {', '.join(SUPPORTED_MODELS)}"
     model_cls = get("model", cfg.model)
@@ -232,11 +233,14 @@ def _batched_loss(defense, net: StackedNet, xb, yb, batch: Batch, gens: Sequence
         elif name == "trades":
             with torch.no_grad():
                 clean_probs = F.softmax(net(xb), dim=1)
-            noise = torch.cat([torch.randn(xb[i * b:(i + 1) * b].shape, generator=gens[i]) for i in range(m)])
-            x_init = (xb + 0.001 * noise.to(xb.device)).clamp(0, 1)
+            noise = torch.cat([torch.randn(xb[i * b:(i + 1) * b].shape, generator=gens[i], device=xb.device)
+                               for i in range(m)])
+            x_init = (xb + 0.001 * noise).clamp(0, 1)
+            def kl_sum(logits, _y):  # TRADES' kl_sum: sum_i KL(p_clean_i || p_adv_i)
+                return F.kl_div(F.log_softmax(logits, dim=1), clean_probs, reduction="sum")
+
             x_adv = pgd(net, xb, yb, eps=eps, step_size=default_step_size(eps, p.steps, p.step_size), steps=p.steps,
-                        norm=norm, x_init=x_init, loss_fn=lambda logits, _y: F.kl_div(F.log_softmax(logits, dim=1), clean_probs,
-                                                               reduction="sum"))  # TRADES' kl_sum
+                        norm=norm, x_init=x_init, loss_fn=kl_sum)
         else:  # pragma: no cover - batch_problem refuses it first
             raise ValueError(name)
     finally:
@@ -273,7 +277,8 @@ def train_stacked(cfg, data, members: Sequence[Member]) -> list[tuple[nn.Module,
     optimizer = make_optimizer(net, tp)
     steps_per_epoch = math.ceil(n / tp.batch_size)
     total = steps_per_epoch * tp.epochs
-    gens = [torch.Generator().manual_seed(int(mm.seed)) for mm in members]  # = the serial torch.manual_seed(seed)
+    # the serial loop's torch.manual_seed(seed): one generator per member, on the device it draws on
+    gens = [torch.Generator(device=device).manual_seed(int(mm.seed)) for mm in members]
     histories: list[list[dict]] = [[] for _ in members]
     net.train()
     for epoch in range(tp.epochs):
@@ -314,6 +319,12 @@ def train_stacked(cfg, data, members: Sequence[Member]) -> list[tuple[nn.Module,
                 row["train_accuracy"] = int(tot_correct[j]) / max(counts, 1)
             histories[j].append(row)
     net.eval()
+    # leave torch's global generator where one-at-a-time training of the same members leaves it
+    # (after the last member's draws), so code after the pool draws the same numbers either way
+    if device.type == "cpu":
+        torch.set_rng_state(gens[-1].get_state())
+    elif device.type == "cuda":  # pragma: no cover - no GPU here
+        torch.cuda.set_rng_state(gens[-1].get_state(), device)
     out = []
     for j, (model, ctx) in enumerate(zip(plain, ctxs)):
         model.load_state_dict(net.member_state(j, model))
