@@ -301,6 +301,7 @@ def test_score_histograms_and_most_vulnerable_examples(tmp_path):
     neg = score[~member]
     assert [float(t["fpr"]) for t in ms["top"]] == pytest.approx(
         [float(f"{np.mean(neg >= score[i]):.3g}") for i in want])
+    assert [t["fpr_count"] for t in ms["top"]] == [f"{int((neg >= score[i]).sum())}/{len(neg)}" for i in want]
     assert png_size(ms["hist"])[0] > 300
     # the digits training images are at hand (bundled): the examples are shown as images
     assert ms["img"] is not None and ms["missing"] is None and png_size(ms["img"])[0] > 300

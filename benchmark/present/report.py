@@ -299,10 +299,11 @@ def _membership_scores(rec: Mapping[str, Any], run_dir: Path, attack: str | None
              and np.isfinite(score[i])][:k]
     top = []
     for rank, i in enumerate(order, start=1):
-        fpr = float((len(neg) - np.searchsorted(neg, score[i], side="left")) / len(neg)) if len(neg) else math.nan
+        above = int(len(neg) - np.searchsorted(neg, score[i], side="left"))   # non-members scoring >= it
+        fpr = above / len(neg) if len(neg) else math.nan
         top.append({"rank": rank, "pool": int(i), "index": int(z["pool_idx"][i]) if "pool_idx" in z else None,
                     "label": int(z["label"][i]) if "label" in z else None, "score": f"{score[i]:.4g}",
-                    "fpr": f"{fpr:.3g}" if fpr == fpr else "n/a"})
+                    "fpr": f"{fpr:.3g}" if fpr == fpr else "n/a", "fpr_count": f"{above}/{len(neg)}"})
     img, missing = None, None
     x = _train_images(rec) if "pool_idx" in z else None
     if x is not None and top:
