@@ -444,3 +444,11 @@ def test_leaderboard_rows_link_to_run_reports(tmp_path):
         target = (page.parent / h).resolve()
         assert target.exists() and target.parent.parent == runs.resolve()
         assert "<!DOCTYPE html>" in target.read_text()[:40]
+    # the leaderboard's report links each row and each run to the same reports, from where it is written
+    rep = tmp_path / "elsewhere" / "lb.html"
+    assert main(["report", "--leaderboard", page.name[:-5], "--leaderboards", str(out), "--out", str(rep)]) == 0
+    q = Links()
+    q.hrefs = []
+    q.feed(rep.read_text())
+    got = [h for h in q.hrefs if h.endswith("report.html")]
+    assert len(got) == 6 and {(rep.parent / h).resolve() for h in got} == {(page.parent / h).resolve() for h in reports}

@@ -706,9 +706,10 @@ def leaderboard_report(name: str, *, leaderboards: str | Path = "leaderboards", 
     if state != "current" and warn is not None:
         warn(f"leaderboard {lb.name} {'is stale' if state == 'stale' else 'could not be checked'}: {why}")
     defaults = "" if Path(leaderboards) == Path("leaderboards") else f" --leaderboards {shlex.quote(str(leaderboards))}"
-    from .writers import run_links
+    from .writers import run_hrefs, run_links
 
     links = run_links(lb, out_dir if out_dir is not None else "reports")
+    hrefs = run_hrefs(lb, out_dir if out_dir is not None else "reports")
     ctx = {
         "lb": lb,
         "stale": {"state": state, "why": why},
@@ -718,7 +719,7 @@ def leaderboard_report(name: str, *, leaderboards: str | Path = "leaderboards", 
         "tradeoff": tradeoff_plots(lb),
         "roc": _roc_overlay(lb),
         "descriptions": list(zip(lb.rows["label"], lb.rows["family"], lb.rows["description"])),
-        "per_run": obj.get("records") or [],
+        "per_run": [dict(r, href=hrefs.get(str(r.get("run_id")))) for r in obj.get("records") or []],
         "cards": [
             {"label": "defenses", "value": str(len(lb.rows)), "sub": f"{len(lb.records)} runs"},
             {"label": "best clean accuracy", **_best(lb, "clean", True)},

@@ -371,25 +371,28 @@ def sort_values(lb: Leaderboard) -> list[list[str]]:
 _DESC = {3, 4}
 
 
+def run_hrefs(lb: Leaderboard, from_dir: str | Path) -> dict[str, str]:
+    """Run id -> the relative link from ``from_dir`` (where a page is) to that run's report
+    (``<run-dir>/report.html``)."""
+    import os
+
+    out = {}
+    for _, r in lb.records.iterrows() if len(lb.records) else []:
+        p = r["path"]
+        if not isinstance(p, str):
+            continue
+        run_dir = Path(p) if Path(p).is_absolute() or Path(p).exists() else Path(lb.runs) / p
+        out[str(r["run_id"])] = Path(os.path.relpath(run_dir / RUN_REPORT, Path(from_dir))).as_posix()
+    return out
+
+
 def run_links(lb: Leaderboard, from_dir: str | Path) -> list[list[tuple[str, str]]]:
     """Per row, ``(text, href)`` of each of its runs' reports (``<run-dir>/report.html``),
     relative to ``from_dir`` (where the page is)."""
-    import os
-
-    paths = {str(r["run_id"]): r["path"] for _, r in lb.records.iterrows()} if len(lb.records) else {}
+    hrefs = run_hrefs(lb, from_dir)
     seeds = {str(r["run_id"]): r["seed"] for _, r in lb.records.iterrows()} if len(lb.records) else {}
-    out = []
-    for _, r in lb.rows.iterrows():
-        links = []
-        for rid in str(r["run_ids"]).split():
-            p = paths.get(rid)
-            if not isinstance(p, str):
-                continue
-            run_dir = Path(p) if Path(p).is_absolute() or Path(p).exists() else Path(lb.runs) / p
-            href = os.path.relpath(run_dir / RUN_REPORT, Path(from_dir))
-            links.append((f"seed {seeds.get(rid)}", Path(href).as_posix()))
-        out.append(links)
-    return out
+    return [[(f"seed {seeds.get(rid)}", hrefs[rid]) for rid in str(r["run_ids"]).split() if rid in hrefs]
+            for _, r in lb.rows.iterrows()]
 
 
 def to_html(lb: Leaderboard, out_dir: str | Path | None = None) -> str:
