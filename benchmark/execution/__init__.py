@@ -1,3 +1,4 @@
 """Execution: training jobs as pure functions of (recipe, subset, seed) (:mod:`.jobs`), the
-membership reference models as such jobs (:mod:`.reference`), and the executors that run
-them (:mod:`.local`; room for Ray)."""
+membership reference models as such jobs (:mod:`.reference`), batched ensembles of such jobs
+(:mod:`.batched`), and the executors that run them (:mod:`.local`, :mod:`.ray_executor`,
+chosen by name in :mod:`.executors`)."""

@@ -13,6 +13,11 @@ and the process do not change any result, and a finished job (its file exists) i
     trains and while AutoAttack runs -- and :meth:`run` waits for the ones it needs (jobs
     already submitted are not started twice).
 
+``train_mode`` (``serial`` by default here; ``auto`` from :func:`~.executors.make_executor`,
+i.e. ``cfbench run``): with ``auto`` or ``batched``, jobs of one small-model recipe train as
+batched ensembles (:mod:`cfbench.execution.batched`): in this process as one group, in a
+pool as one group per worker; :attr:`modes` then says ``batched`` / ``worker-batched``.
+
 A worker receives the job without its arrays (:class:`RemoteJob`): it reloads the run's
 data from the recipe (``load_data(cfg)``, cached per worker) and checks the data's sha256
 against the parent's; a job whose data were changed in memory (a test that flips labels)
