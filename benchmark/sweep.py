@@ -354,10 +354,19 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
     ok = [r for _, r in rows if r["status"] == "ok"]
     if ok:
         from .present.leaderboard import build
-        from .present.writers import write
+        from .present.report import write_run_reports
+        from .present.writers import write_tables
 
         target = Path(leaderboards) if leaderboards is not None else out / "leaderboards"
-        for lb in build(out):
-            paths = write(lb, target)
-            log(f"leaderboard {lb.name}: {paths['md']}")
+        boards = build(out)
+        try:
+            # the same rules as `cfbench leaderboard`: never overwrite another protocol's (or
+            # another runs folder's) table, remove this build's stale ones, link every row
+            all_paths, _ = write_tables(boards, target, runs=str(out), log=log)
+        except UsageError as e:
+            log(f"cfbench sweep: leaderboards not written: {e}")
+        else:
+            write_run_reports(boards, log=log)
+            for lb, paths in zip(boards, all_paths):
+                log(f"leaderboard {lb.name}: {paths['md']}")
     return rows

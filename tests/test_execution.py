@@ -145,6 +145,7 @@ def test_a_sweep_runs_skips_finished_runs_and_builds_its_leaderboard(tmp_path, c
     recs = sorted(out.glob("*/record.json"))
     assert len(recs) == 4 and all(json.loads(p.read_text())["status"] == "ok" for p in recs)
     assert len(list((out / "leaderboards").glob("digits-cnn8-Linf-0.1-*.md"))) == 1  # <name>-<protocol hash>
+    assert all((p.parent / "report.html").exists() for p in recs)   # the table's rows link to them
     capsys.readouterr()
     before = {p: p.stat().st_mtime_ns for p in recs}
     assert main(["sweep", str(g), "--out", str(out), "--dry-run"]) == 0
