@@ -124,7 +124,7 @@ def cmd_run(args) -> int:
 
     # workers of a pool train small models with one thread each (what makes N processes use N cores)
     executor = make_executor(args.executor, workers=args.workers, address=args.address, progress=progress,
-                             threads=threads or 1)
+                             threads=threads or 1, train_mode=getattr(args, "train_mode", None))
     try:
         outcome = execute(cfg, args.out, force=args.force, progress=progress,
                           log=(lambda *a: print(*a, file=sys.stderr)), executor=executor)
@@ -212,6 +212,12 @@ def add_executor_options(p: argparse.ArgumentParser, *, what: str) -> None:
                    help="local: worker processes (default: the machine's cores); ray: CPUs of a new local Ray instance")
     p.add_argument("--address", default=None, metavar="HOST:PORT",
                    help="ray: the address of an existing Ray cluster (default: start a local one)")
+    if what != "the runs":
+        p.add_argument("--train-mode", default=None, metavar="{serial,batched,auto}",
+                       help="local: how declared jobs (reference models) train: serial (default; bit-identical "
+                            "whichever executor), batched (members of one small-model recipe as one stacked "
+                            "network, equal within a stated tolerance) or auto (batched where supported); "
+                            "CFBENCH_TRAIN_MODE sets the default")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -163,7 +163,8 @@ def test_the_executor_records_the_mode_and_shares_the_cache(tmp_path):
     ser = LocalExecutor(train_mode="serial")            # the cache is shared: a serial executor finds them
     again = ser.run(XR.reference_jobs(cfg, data, 4, tmp_path))
     assert again == here and {ser.modes[str(p)] for p in again} == {"cached"}
-    assert LocalExecutor().train_mode == "serial" and make_executor("local", workers=1).train_mode == "auto"
+    assert LocalExecutor().train_mode == "serial"
+    assert make_executor("local", workers=1, train_mode="auto").train_mode == "auto"
 
 
 @pytest.mark.slow
@@ -198,3 +199,20 @@ def test_a_group_reuses_cached_members_and_resumes_interrupted_ones_alone(tmp_pa
     assert [how for _, how in res] == ["cached", "serial", "batched", "batched"]
     assert first.stat().st_mtime_ns == stamp
     assert not ckpt.exists()
+
+
+def test_run_train_mode_flag_default_and_bad_value(capsys, monkeypatch):
+    """`cfbench run --train-mode` reaches the executor; the default is serial (bit-identical
+    whichever executor); a bad value exits 2 naming the valid choices before anything trains."""
+    from cfbench.cli import main
+    from cfbench.execution.executors import make_executor
+
+    monkeypatch.delenv("CFBENCH_TRAIN_MODE", raising=False)
+    ex = make_executor("local", workers=1)
+    try:
+        assert ex.train_mode == "serial"
+    finally:
+        ex.close()
+    assert main(["run", "--defense", "erm", "--dataset", "digits", "--train-mode", "fast", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown train mode 'fast'" in err and "auto, serial, batched" in err

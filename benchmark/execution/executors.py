@@ -11,15 +11,19 @@ def make_executor(name: str = "local", *, workers: int | None = None, address: s
                   train_mode: str | None = None):
     """The executor called ``name`` (``local`` or ``ray``) for a run's declared jobs.
 
-    ``train_mode`` (local executor): ``auto`` (default; the environment variable
-    ``CFBENCH_TRAIN_MODE`` replaces the default), ``serial`` or ``batched`` -- whether jobs of
+    ``train_mode`` (local executor): ``serial`` (default; the environment variable
+    ``CFBENCH_TRAIN_MODE`` replaces the default), ``batched`` or ``auto`` -- whether jobs of
     one small-model recipe train as batched ensembles (:mod:`cfbench.execution.batched`).
+    Serial is the default because its models are bit-identical whichever executor (in-process,
+    pool, Ray) trains them, while a batched member equals its serial twin only within the
+    tolerance of :mod:`cfbench.training.ensemble` (summation order), and on this 2-core CPU
+    batching won little (``benchmarks/bench_pool.py``, README "Performance").
     The Ray executor trains one job per task."""
     import os
 
     from .batched import check_train_mode
 
-    train_mode = check_train_mode(train_mode or os.environ.get("CFBENCH_TRAIN_MODE") or "auto")
+    train_mode = check_train_mode(train_mode or os.environ.get("CFBENCH_TRAIN_MODE") or "serial")
     if name not in EXECUTORS:
         raise UsageError(f"unknown executor {name!r}. Valid choices: {', '.join(EXECUTORS)}.")
     if workers is not None and workers < 1:

@@ -13,7 +13,7 @@ and the process do not change any result, and a finished job (its file exists) i
     trains and while AutoAttack runs -- and :meth:`run` waits for the ones it needs (jobs
     already submitted are not started twice).
 
-``train_mode`` (``serial`` by default here; ``auto`` from :func:`~.executors.make_executor`,
+``train_mode`` (``serial`` by default, also from :func:`~.executors.make_executor`,
 i.e. ``cfbench run``): with ``auto`` or ``batched``, jobs of one small-model recipe train as
 batched ensembles (:mod:`cfbench.execution.batched`): in this process as one group, in a
 pool as one group per worker; :attr:`modes` then says ``batched`` / ``worker-batched``.
