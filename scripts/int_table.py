@@ -166,6 +166,7 @@ def section(groups, dataset):
         x = raw(m, key)[0]
         return None if x is None else 100 * x
 
+    paired = defaultdict(list)           # (defense, column) -> per-seed differences to pgd-at
     for d, runs in groups.items():
         for r in runs:
             m = r["metrics"]
@@ -176,13 +177,25 @@ def section(groups, dataset):
             ref = pgd_at.get(r["config"]["seed"])
             if d in ("int", "int2") and ref is not None:
                 diffs = []
+                paired[(d, "clean")].append(v(m, "clean.accuracy") - v(ref, "clean.accuracy"))
+                paired[(d, "aa")].append(v(m, "robust.autoattack.accuracy") - v(ref, "robust.autoattack.accuracy"))
                 for x, mine in zip(grid, vals):
                     theirs = v(ref, f"interpretation.robust_accuracy.{x:.6g}")
                     diffs.append("n/a" if mine is None or theirs is None else f"{mine - theirs:+.1f}")
+                    if mine is not None and theirs is not None:
+                        paired[(d, x)].append(mine - theirs)
                 print(f"| {d} - pgd-at | {r['config']['seed']} | "
                       f"{v(m, 'clean.accuracy') - v(ref, 'clean.accuracy'):+.1f} | "
                       f"{v(m, 'robust.autoattack.accuracy') - v(ref, 'robust.autoattack.accuracy'):+.1f} | "
                       + " | ".join(diffs) + " |")
+    for d in ("int", "int2"):
+        k = len(paired.get((d, "clean"), []))
+        if k > 1:
+            def fmt(col):
+                mean, lo, hi, _ = seed_interval(paired.get((d, col), []))
+                return "n/a" if mean is None else f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+            print(f"| {d} - pgd-at, mean of {k} seeds [t-interval] | | {fmt('clean')} | {fmt('aa')} | "
+                  + " | ".join(fmt(x) for x in grid) + " |")
     print()
 
     print("| defense | seeds | train s (mean) | evaluation s (mean; MIA includes its reference training) | "
