@@ -83,9 +83,11 @@ def main() -> None:
           + " | loss-attack AUC % | best-attack AUC % (selection-biased) | CF flip rate % | replaced % | "
           "CF L1 to x_nn | stage-1 s | run id |")
     print("| --- " * (12 + len(fprs)) + "|")
-    for r in sorted(cfat, key=lambda r: r["config"]["defense"]["params"].get("generator", "")):
+    for r in sorted(cfat, key=lambda r: (r["config"]["defense"]["params"].get("generator", ""),
+                                         -r["config"]["defense"]["params"]["p"])):
         m = r["metrics"]
-        g = r["config"]["defense"]["params"].get("generator", "proto-cf")
+        d = r["config"]["defense"]["params"]
+        g = f"{d.get('generator', 'proto-cf')} p={d['p']:g}"
         best = m.get("mia.best.auc", {})
         print(f"| {g} | {iv(m, 'clean.accuracy', 100, 1)} | {iv(m, 'robust.autoattack.accuracy', 100, 1)} | "
               f"{iv(m, 'mia.primary.auc', 100, 1)} | {iv(m, 'mia.primary.advantage', 100, 1)} | "

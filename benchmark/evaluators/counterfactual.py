@@ -332,5 +332,6 @@ class CounterfactualQuality(Evaluator):
         out.update({ns + k: t_interval(v.numpy()) for k, v in per.items()})
         lo, hi = fd_bootstrap(feats, x, x_cf, self.params.fd_bootstrap, seed=ctx.seed)
         out[ns + "fd"] = {"value": frechet_distance(feats, x, x_cf), "ci_low": lo, "ci_high": hi, "n": len(x),
-                          "method": "percentile bootstrap over instances"}
+                          "method": "percentile bootstrap over instances (resamples repeat instances, which biases "
+                                    "FD upwards: the range can lie above the point estimate)"}
         return out, per
