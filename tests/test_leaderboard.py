@@ -216,6 +216,26 @@ def test_duplicate_config_hash_counted_once(tmp_path):
     assert int(lb.rows["seeds"].iloc[0]) == 1 and len(lb.records) == 1
 
 
+def test_one_seed_measured_twice_is_one_seed_not_two(tmp_path):
+    """Two runs of one recipe and seed that differ only in an evaluator outside the table (the
+    zoo's attack list) share the table's protocol; they are one model, so the row keeps the
+    newest, with that run's own interval -- not a zero-width t-interval over two 'seeds'."""
+    runs = tmp_path / "runs"
+    old = make_record(seed=0, clean=0.9, evaluators=("clean", "pgd", "autoattack"))
+    new = make_record(seed=0, clean=0.9, evaluators=("clean", "pgd", "autoattack"),
+                      created="2026-02-01T00:00:00+00:00")
+    new["config"]["evaluators"]["attacks"] = {"version": 1, "params": {"attacks": ["square"]}}
+    new["config_hash"] = "f" * 64
+    new["run_id"] = "digits-erm-cnn8-s0-ffffffffff"
+    write_record(runs, old, "a")
+    write_record(runs, new, "b")
+    [lb] = build(runs)
+    row = lb.rows.iloc[0]
+    assert int(row["seeds"]) == 1 and int(row["n_records"]) == 1 and row["run_ids"] == new["run_id"]
+    lo, hi = new["metrics"]["clean.accuracy"]["ci_low"], new["metrics"]["clean.accuracy"]["ci_high"]
+    assert (row["clean_ci_low"], row["clean_ci_high"]) == pytest.approx((lo, hi)) and lo < hi
+
+
 def test_rows_split_by_hyperparameters_and_training(tmp_path):
     runs = tmp_path / "runs"
     train30 = dict(make_record()["config"]["train"], epochs=30)

@@ -485,6 +485,9 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
     df = pd.DataFrame(flat)
     # duplicates of one config (copied run folders): keep the newest
     df = df.sort_values(["created", "run_id"]).drop_duplicates("config_hash", keep="last")
+    # one recipe and seed measured twice under this protocol (the runs differ only in an evaluator
+    # outside the table, e.g. the torchattacks list): one model, not two seeds -- keep the newest
+    df = df.drop_duplicates(["defense", "defense_version", "params", "train", "seed"], keep="last")
     df = df.sort_values(["defense", "params", "train", "seed"], kind="stable").reset_index(drop=True)
 
     value_cols = ["clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s", *PRIMARY_COLS, "eps_lb"]
