@@ -401,7 +401,7 @@ class ExplanationInversion(Evaluator):
             return cf_raw["ace"]
         gen = ACE(ACEParams(seed=self.params.inv_seed)).fit(
             ctx.data.dataset, cache_dir=ctx.cache_dir, augmentation=ctx.config.dataset_info["augmentation"],
-            device=ctx.device)
+            device=ctx.device, setting=None)   # the inversion evaluator has no DDPM setting of its own
         runner_up = predict(model, x_all, ctx.device).topk(2, dim=1).indices[:, 1]
         res = gen.generate(model, x_all.to(ctx.device), runner_up.to(ctx.device), progress=ctx.progress,
                            desc="inversion ACE counterfactuals")

@@ -440,8 +440,12 @@ def _examples(rec: Mapping[str, Any], run_dir: Path, *, with_predictions: bool =
                                      ("difference", np.clip(scaled, -1, 1), None)], diverging=[2])
         linf = float(np.abs(delta).reshape(n, -1).max()) if n else math.nan
         caption = (f"{prefix}: the first {n} test images, the {name} images the {prefix} evaluation produced, "
-                   f"and their difference ({how}). Captions: true label y and the saved model's prediction (→, "
-                   "red when wrong)" + ("" if preds else " (model not available: labels only)")
+                   f"and their difference ({how}). "
+                   + ("Captions: the counterfactual's target class t and the saved model's prediction (→, red "
+                      "when it is not t: the originals are red by construction, a counterfactual is red when it "
+                      "failed)" if counterfactual else
+                      "Captions: true label y and the saved model's prediction (→, red when wrong)")
+                   + ("" if preds else " (model not available: labels only)")
                    + (". AutoAttack returns the clean image where it finds no adversarial example (or the "
                       "clean image is already misclassified)" if prefix == "autoattack" else "")
                    + f". Largest |change| over pixels: {linf:.4g}.")
