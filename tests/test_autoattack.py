@@ -156,3 +156,20 @@ def test_a_randomised_forward_switches_to_the_eot_version(robust_model, digits_s
     assert note["version"] == "rand" and note["requested_version"] == "standard"
     assert note["attacks"] == ["apgd-ce", "apgd-dlr"] and "EOT over 20" in note["sanity"]["eot"]
     assert "randomized_forward" in {f["name"] for f in res.flags}
+
+
+def test_progress_is_one_timestamped_line_per_attack_in_a_log(robust_model, digits_split, tmp_path, capsys):
+    """Piped to a file, AutoAttack says which attack runs on how many examples and, after each,
+    k/K attacks, the examples still robust and an ETA -- not minutes of silence."""
+    import dataclasses
+    import re
+
+    ctx = dataclasses.replace(_ctx(robust_model, digits_split, tmp_path), progress=True)
+    res = AutoAttackRobustness(AutoAttackParams(n_examples=10, sanity=False)).evaluate(ctx)
+    err = capsys.readouterr().err.splitlines()
+    starts = [ln for ln in err if re.match(r"\d\d:\d\d:\d\d autoattack: \S+ on the \d+ of 10 examples still robust", ln)]
+    steps = [ln for ln in err if re.match(r"\d\d:\d\d:\d\d autoattack: attack \d/4 done \S+ robust \d+/10 "
+                                          r"\(elapsed .*, ETA .*\)", ln)]
+    assert len(starts) == 4 and len(steps) == 4, err
+    k = round(res.metrics["robust.autoattack.accuracy"]["value"] * 10)
+    assert steps[-1].split(" robust ")[1].startswith(f"{k}/10")

@@ -33,6 +33,7 @@ from .. import params as P
 from ..attacks.base import ThreatModel
 from ..attacks.pgd import STEP_SIZE_HELP, PGDAttack, PGDParams, default_step_size
 from ..params import param
+from ..progress import Progress, log_line
 from ..store.io import load_tensors, save_tensors_atomic
 from . import sanity as S
 from .base import EvalContext, EvalResult, Evaluator, predict, proportion
@@ -271,12 +272,16 @@ class AutoAttackRobustness(Evaluator):
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
+        # one line (log) / one bar step (terminal) per attack: k/K attacks, examples still robust, ETA
+        bar = Progress(len(attacks), "autoattack", "attack", initial=len(state["done"]), enabled=bool(ctx.progress))
         try:
             for attack in attacks:
                 if attack in state["done"]:
                     continue
                 t0 = time.perf_counter()
                 idx = torch.nonzero(state["robust"], as_tuple=False).flatten()
+                if ctx.progress and bar.bar is None:
+                    log_line(f"autoattack: {attack} on the {len(idx)} of {n} examples still robust ...")
                 if len(idx):
                     adversary.attacks_to_run = [attack]
                     xs, ys = x[idx].contiguous(), y[idx].contiguous()
@@ -289,8 +294,10 @@ class AutoAttackRobustness(Evaluator):
                 state["acc"][attack] = int(state["robust"].sum()) / n
                 state["seconds"][attack] = time.perf_counter() - t0
                 _save_state(state_path, key, state)
+                bar.update(1, done=attack, robust=f"{int(state['robust'].sum())}/{n}")
             aa_checks.check_square_sr(dict(state["acc"]), logger=logger)
         finally:
+            bar.close()
             adversary.attacks_to_run = attacks
             logger.removeHandler(handler)
             logger.setLevel(old_level)
