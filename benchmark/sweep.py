@@ -328,19 +328,23 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
         for p in todo:
             log(f"  would run {p.cfg.run_id()}  [{p.label}]")
         return rows
-    from tqdm.auto import tqdm
+    from .progress import Progress, is_terminal
 
-    bar = tqdm(total=len(todo), desc="sweep", unit="run", file=sys.stderr, dynamic_ncols=True,
-               disable=not todo, mininterval=1.0)
+    # a terminal: a bar with k/K and an ETA, each finished run written above it; a log file:
+    # one timestamped line per finished run with the overall k/K, elapsed time and ETA
+    bar = Progress(len(todo), "sweep", "run", enabled=bool(todo))
     done_count = [0]
 
     def on_done(p: Point, res: dict) -> None:
         done_count[0] += 1
         rows.append((p, res))
         extra = f" ({res.get('reason')})" if res["status"] != "ok" else ""
-        bar.write(f"[{done_count[0]}/{len(todo)}] {res['run_id']} {res['status']} in {res.get('seconds', 0):.0f}s"
-                  + extra, file=sys.stderr)
-        bar.update(1)
+        line = f"{res['run_id']} {res['status']} in {res.get('seconds', 0):.0f}s" + extra
+        if bar.bar is not None and is_terminal():
+            bar.bar.write(f"[{done_count[0]}/{len(todo)}] {line}", file=sys.stderr)
+            bar.update(1)
+        else:
+            bar.update(1, finished=line)
 
     plugins = tuple(plugin_files())
     try:

@@ -146,7 +146,11 @@ def test_a_sweep_runs_skips_finished_runs_and_builds_its_leaderboard(tmp_path, c
     assert len(recs) == 4 and all(json.loads(p.read_text())["status"] == "ok" for p in recs)
     assert len(list((out / "leaderboards").glob("digits-cnn8-Linf-0.1-*.md"))) == 1  # <name>-<protocol hash>
     assert all((p.parent / "report.html").exists() for p in recs)   # the table's rows link to them
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    # piped (not a terminal): no bar frames, one timestamped line per finished run with k/K and an ETA
+    assert "\r" not in err
+    assert [ln.split(" finished ")[0][9:] for ln in err.splitlines() if " finished " in ln] == [
+        f"sweep: run {k}/4" for k in range(1, 5)], err
     before = {p: p.stat().st_mtime_ns for p in recs}
     assert main(["sweep", str(g), "--out", str(out), "--dry-run"]) == 0
     assert "4 already finished, 0 to run" in capsys.readouterr().out
