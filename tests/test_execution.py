@@ -217,7 +217,9 @@ def test_a_sweep_on_a_real_local_ray_cluster_equals_the_local_executor(tmp_path)
     """A Ray head and one extra worker node on loopback; the sweep's records equal the local ones."""
     pytest.importorskip("ray")
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # token auth off explicitly: an earlier local `ray.init` on this machine leaves ~/.ray/auth_token,
+    # which `ray start` then half-enables (the worker node failed with InvalidAuthToken)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     port = _free_port(7000, 9999)          # below Ray's default worker-port range (10002-19999)
     temp = f"/tmp/ray-{os.getpid()}"
     head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
