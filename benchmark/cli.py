@@ -60,6 +60,13 @@ def print_summary(rec: dict, run_dir: Path, reused: bool) -> None:
                 print(f"{label:<{width}}  {_fmt(m)}  ({m['attack']})")
             else:
                 print(f"{label:<{width}}  {_fmt(m)}")
+    # the protocol's primary attack, pooled over the target and its reference models: the
+    # headline leakage (the rows above are single-target and selection-biased)
+    primary = (((cfg.get("evaluators") or {}).get("mia") or {}).get("params") or {}).get("primary")
+    for fpr, txt in (("0.01", "1%"), ("0.001", "0.1%")):
+        m = metrics.get(f"mia.pooled.{primary}.tpr_at_fpr.{fpr}") if primary else None
+        if isinstance(m, dict):
+            print(f"{'membership: TPR @ ' + txt + ' FPR':<{width}}  {_fmt(m)}  ({primary}, pooled)")
     t = rec.get("timings", {})
     print(f"{'time (train / total)':<{width}}  {t.get('train', 0):.1f} s / {t.get('total', 0):.1f} s")
     for w in rec.get("warnings", []):

@@ -719,3 +719,19 @@ def test_the_demo_protocol_is_the_committed_digits_leaderboards():
     recs = [json.loads(p.read_text()) for p in sorted((ROOT / "leaderboards" / "runs").glob("*/record.json"))]
     assert {r["run_id"] for r in recs} == {r["run_id"] for r in table["records"]}
     assert {protocol_id(protocol_of(r)) for r in recs} == {demo}
+
+
+def test_run_summary_shows_the_primary_attack_pooled(capsys):
+    """The run summary prints the protocol's primary attack pooled over the pool models (the
+    headline leakage), with its interval, next to the single-target strongest-attack rows."""
+    import glob
+
+    from cfbench.cli import print_summary
+
+    [d] = glob.glob(str(Path(__file__).resolve().parents[1] / "leaderboards" / "runs" / "digits-pgd-at-*"))
+    rec = json.loads((Path(d) / "record.json").read_text())
+    print_summary(rec, Path(d), True)
+    out = capsys.readouterr().out
+    m = rec["metrics"]["mia.pooled.rmia_online.tpr_at_fpr.0.01"]
+    line = next(ln for ln in out.splitlines() if ln.startswith("membership: TPR @ 1% FPR"))
+    assert f"{100 * m['value']:.2f}%" in line and f"n={m['n']}" in line and "(rmia_online, pooled)" in line
