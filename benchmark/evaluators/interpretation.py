@@ -51,7 +51,6 @@ ci_high, n), ``interpretation.{aai,evasion}.unchanged`` (Clopper-Pearson),
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,6 +61,7 @@ import torch
 from ..attacks.pgd import STEP_SIZE_HELP, default_step_size, pgd
 from ..explain.cam import maps as interpretation_maps
 from ..explain.cam import resolve_method
+from ..mia.metrics import mean_interval
 from ..params import param
 from .base import EvalContext, EvalResult, Evaluator, predict, proportion
 
@@ -106,19 +106,9 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def t_interval(values, confidence: float = 0.95) -> dict[str, Any]:
-    """Mean of ``values`` with a two-sided Student-t interval: {value, ci_low, ci_high, n}."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    n = int(v.size)
-    if n == 0:
-        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
-    mean = float(v.mean())
-    if n == 1:
-        return {"value": mean, "ci_low": None, "ci_high": None, "n": 1}
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return {"value": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+    """Mean of ``values`` with a two-sided Student-t interval: {value, ci_low, ci_high, n};
+    non-finite values dropped (:func:`cfbench.mia.metrics.mean_interval`)."""
+    return mean_interval(values, confidence, drop_nonfinite=True)
 
 
 def top_k(cells: int, fraction: float) -> int:

@@ -191,16 +191,9 @@ def image_metrics(recon: torch.Tensor, x: torch.Tensor, *, sigma: float | None =
 
 
 def mean_ci(values, confidence: float = 0.95) -> dict[str, Any]:
-    """Mean with a Student-t interval (``ci_*`` None for fewer than 2 values)."""
-    v = np.asarray(values, dtype=np.float64)
-    n = int(v.size)
-    if n == 0:
-        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
-    m = float(v.mean())
-    if n < 2 or not np.isfinite(v).all():
-        return {"value": m, "ci_low": None, "ci_high": None, "n": n}
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(v.std(ddof=1)) / math.sqrt(n)
-    return {"value": m, "ci_low": m - half, "ci_high": m + half, "n": n}
+    """Mean with a Student-t interval (``ci_*`` None for fewer than 2 values, or when a value is
+    not finite: :func:`cfbench.mia.metrics.mean_interval` keeping them)."""
+    return M.mean_interval(values, confidence, drop_nonfinite=False)
 
 
 def welch_diff(a, b, confidence: float = 0.95) -> dict[str, Any]:

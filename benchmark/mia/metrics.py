@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
+    "mean_interval",
     "MIN_FALSE_POSITIVES",
     "advantage",
     "auc",
@@ -451,6 +452,23 @@ def best_of(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "balanced_accuracy": pick(lambda s: s["balanced_accuracy"]),
         "tpr_at_fpr": {k: pick(lambda s, k=k: s["tpr_at_fpr"][k]) for k in keys},
     }
+
+
+def mean_interval(values, confidence: float = 0.95, *, drop_nonfinite: bool = True) -> dict[str, Any]:
+    """Mean of ``values`` with a two-sided Student-t interval: ``{value, ci_low, ci_high, n}``
+    (``ci_*`` None below 2 values).  Non-finite values are dropped (``drop_nonfinite``), or kept,
+    in which case their mean is reported without an interval (an infinite PSNR stays visible)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if drop_nonfinite:
+        v = v[np.isfinite(v)]
+    n = int(v.size)
+    if n == 0:
+        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+    mean = float(v.mean())
+    if n < 2 or not np.isfinite(v).all():
+        return {"value": mean, "ci_low": None, "ci_high": None, "n": n}
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(v.std(ddof=1)) / math.sqrt(n)
+    return {"value": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
 def proportion(k: int, n: int, confidence: float = 0.95) -> dict[str, Any]:
