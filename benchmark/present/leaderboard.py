@@ -113,16 +113,12 @@ INTERVAL_TEXT = ("Brackets and error bars are 95% intervals: for a row with one 
 
 def seed_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Student-t interval of the mean of per-seed values (``len >= 2``), clipped to [0, 1]."""
-    import numpy as np
-    from scipy import stats
+    from ..mia.metrics import mean_interval
 
-    v = np.asarray(values, dtype=float)
-    n = len(v)
-    if n < 2:
+    ci = mean_interval(values, confidence, drop_nonfinite=False)
+    if ci["ci_low"] is None:
         return math.nan, math.nan
-    m, se = float(v.mean()), float(v.std(ddof=1)) / math.sqrt(n)
-    h = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
-    return max(0.0, m - h), min(1.0, m + h)
+    return max(0.0, ci["ci_low"]), min(1.0, ci["ci_high"])
 
 
 # ------------------------------------------------------------------------------ protocol
