@@ -212,14 +212,14 @@ def cmd_list(args) -> int:
     return 0
 
 
-def add_executor_options(p: argparse.ArgumentParser, *, what: str) -> None:
+def add_executor_options(p: argparse.ArgumentParser, *, what: str, train_mode: bool = False) -> None:
     p.add_argument("--executor", default="local", metavar="{local,ray}",
                    help=f"who runs {what}: local (a process pool on this machine; default) or ray")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="local: worker processes (default: the machine's cores); ray: CPUs of a new local Ray instance")
     p.add_argument("--address", default=None, metavar="HOST:PORT",
                    help="ray: the address of an existing Ray cluster (default: start a local one)")
-    if what != "the runs":
+    if train_mode:   # `cfbench run` only: a sweep runs one process per run
         p.add_argument("--train-mode", default=None, metavar="{serial,batched,auto}",
                        help="local: how declared jobs (reference models) train: serial (default; bit-identical "
                             "whichever executor), batched (members of one small-model recipe as one stacked "
@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch intra-op CPU threads (default: 1 for models under 1M parameters on CPU, "
                         "torch's choice otherwise)")
-    add_executor_options(r, what="the training jobs a run declares (membership reference models, DeMem's oracle)")
+    add_executor_options(r, what="the training jobs a run declares (membership reference models, DeMem's oracle)",
+                         train_mode=True)
     r.set_defaults(func=cmd_run)
 
     sw = sub.add_parser("sweep", help="a grid of runs (TOML), locally or on Ray, then its leaderboards",
