@@ -176,3 +176,45 @@ def test_build_model_errors():
         build_model("cnn8", (1, 8, 8), 10, (0.5,), (0.25,), {"width": 0})
     with pytest.raises(UsageError, match="one value per channel"):
         build_model("cnn8", (1, 8, 8), 10, (0.5, 0.5), (0.25, 0.25), None)
+
+
+def test_song_vgg_is_the_papers_network():
+    """Song, Shokri & Mittal (2019)'s F-MNIST VGG (inspire-group/privacy-vs-robustness, width_num 16):
+    six 3x3 convs 256, 256, 256/2, 512, 512, 512/2, FC-200, FC-10; last layer zero-initialised."""
+    from cfbench.models.song_vgg import SongVGG
+
+    m = build_model("song-vgg", (1, 28, 28), 10, (0.5,), (0.25,), None)
+    assert isinstance(m, SongVGG)
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [256, 256, 256, 512, 512, 512]
+    assert [c.stride[0] for c in convs] == [1, 1, 2, 1, 1, 2]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+    assert (m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) == (512 * 7 * 7, 200, 10)
+    chans = [1, 256, 256, 256, 512, 512, 512]
+    expected = sum(a * b * 9 + b for a, b in zip(chans, chans[1:])) + 512 * 49 * 200 + 200 + 200 * 10 + 10
+    assert count_parameters(m) == expected
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(m(x), torch.zeros(2, 10))  # zero-initialised output layer, as the reference
+    m32 = build_model("song-vgg", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, {"width": 1})
+    assert m32.fc1.in_features == 32 * 8 * 8 and m32(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(UsageError, match="song-vgg.*8"):
+        build_model("song-vgg", (1, 8, 8), 10, (0.5,), (0.25,), None)
+
+
+def test_song_vgg_trains_and_passes_opacus():
+    m = build_model("song-vgg", (1, 28, 28), 4, (0.5,), (0.25,), {"width": 1})
+    assert ModuleValidator.is_valid(m)
+    x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 4
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-5)
+    assert losses[-1] < 0.5 * losses[0]
+    xg = x[:2].clone().requires_grad_(True)
+    m(xg)[:, 0].sum().backward()
+    assert xg.grad.abs().sum() > 0

@@ -15,6 +15,8 @@ name               class                       inputs
 ``gap-cnn``        :class:`GAPCNN`             any size >= 8; exposes class activation maps
 ``preact-resnet18`` :class:`PreActResNet18`    32x32 (CIFAR); has BatchNorm
 ``wrn``            :class:`WideResNet`         32x32 (CIFAR); has BatchNorm
+``int-mnist``      :class:`IntMNIST`           28x28 / 32x32; Boopathy et al.'s GAP network (CAMs)
+``song-vgg``       :class:`SongVGG`            28x28 / 32x32; Song et al. (2019)'s F-MNIST VGG
 =================  ==========================  ===============================================
 
 DP-SGD (Opacus) needs per-sample gradients, which BatchNorm does not allow: ``cnn8``,
