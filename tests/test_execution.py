@@ -269,3 +269,20 @@ def test_sub_grids_merge_over_the_top_level_and_concatenate(tmp_path):
     assert all(p.cfg.train.epochs == 1 for p in points)
     with pytest.raises(UsageError, match=r"\[\[grid\]\] 1: unknown key 'sed'"):
         load_grid(_grid(tmp_path, text.replace('defense = "pgd-at"', 'defense = "pgd-at"\n    sed = 1'), "b.toml"))
+
+
+# -- every committed sweep file is valid (a typo in a key would only show when it is run) ----
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_FILES = sorted([*ROOT.glob("scripts/sweeps/*.toml"), *ROOT.glob("leaderboards/*.toml")])
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.name for p in SWEEP_FILES])
+def test_every_committed_sweep_file_expands_to_valid_configs(path):
+    from cfbench.sweep import expand, load_grid
+
+    grid = load_grid(path)
+    if grid.get("device", "cpu") != "cpu" and not torch.cuda.is_available():
+        grid["device"] = "cpu"  # a GPU file (its device is checked when it runs)
+    points = expand(grid, str(path))
+    assert points and len({p.cfg.config_hash() for p in points}) == len(points), "duplicate grid points"
