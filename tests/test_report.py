@@ -452,3 +452,18 @@ def test_leaderboard_rows_link_to_run_reports(tmp_path):
     q.feed(rep.read_text())
     got = [h for h in q.hrefs if h.endswith("report.html")]
     assert len(got) == 6 and {(rep.parent / h).resolve() for h in got} == {(page.parent / h).resolve() for h in reports}
+
+
+def test_inversion_grids_are_captioned_as_members_and_reconstructions(tmp_path):
+    import torch
+
+    d = write_record(tmp_path / "runs", make_record(evaluators=("clean", "pgd")))
+    x = torch.rand(3, 1, 8, 8)
+    save_examples({"inversion-saliency-expmi": (x, (x + 0.05).clamp(0, 1), torch.tensor([1, 2, 3])),
+                   "pgd": (x, (x + 0.1).clamp(0, 1), torch.tensor([1, 2, 3]))}, d / "examples.safetensors")
+    html = run_report(d)
+    assert_self_contained(html)
+    section = html.split("inversion-saliency-expmi (members and their reconstructions)", 1)[1].split("<h3", 1)[0]
+    assert "the first 3 members" in section and "saliency-expmi inversion network" in section
+    assert "test images" not in section and "adversarial" not in section
+    assert "pgd (adversarial)" in html  # the attack grids keep their captions

@@ -413,7 +413,8 @@ def _examples(rec: Mapping[str, Any], run_dir: Path, *, with_predictions: bool =
         y = y[:n].tolist() if y is not None else None
         preds = _predict(run_dir, [clean, changed]) if with_predictions else None
         counterfactual = prefix.startswith("counterfactual")
-        name = "counterfactual" if counterfactual else "adversarial"
+        inversion = prefix.startswith("inversion-")
+        name = "counterfactual" if counterfactual else "reconstruction" if inversion else "adversarial"
 
         def caps(labels_pred):
             """'y=3 →5' per image; red where the prediction is wrong."""
@@ -428,17 +429,26 @@ def _examples(rec: Mapping[str, Any], run_dir: Path, *, with_predictions: bool =
             return out
 
         delta = changed - clean
-        if norm == "Linf" and isfinite(eps) and eps > 0 and not counterfactual:
+        if norm == "Linf" and isfinite(eps) and eps > 0 and not counterfactual and not inversion:
             scaled = delta / eps
             how = f"perturbation / eps (eps = {eps:.4g}; red = brighter, blue = darker)"
         else:
             per = np.abs(delta).reshape(n, -1).max(1).reshape((n,) + (1,) * (delta.ndim - 1))
             scaled = delta / np.maximum(per, 1e-12)
             how = "difference, scaled per image to its largest absolute value (red = brighter, blue = darker)"
-        img = plots.examples_figure([("clean", clean, caps(preds[0] if preds else None)),
+        img = plots.examples_figure([("member" if inversion else "clean", clean, caps(preds[0] if preds else None)),
                                      (name, changed, caps(preds[1] if preds else None)),
                                      ("difference", np.clip(scaled, -1, 1), None)], diverging=[2])
         linf = float(np.abs(delta).reshape(n, -1).max()) if n else math.nan
+        if inversion:
+            caption = (f"{prefix}: the first {n} members (the target's own training images), what the "
+                       f"{prefix[len('inversion-'):]} inversion network rebuilt from the target's outputs for them "
+                       f"(prediction, and explanation where the network takes one), and their difference ({how}). "
+                       "Captions: true label y and the saved model's prediction (→, red when wrong)"
+                       + ("" if preds else " (model not available: labels only)")
+                       + f". Largest |change| over pixels: {float(np.abs(delta).reshape(n, -1).max()) if n else math.nan:.4g}.")
+            out.append({"title": f"{prefix} (members and their reconstructions)", "img": img, "caption": caption})
+            continue
         caption = (f"{prefix}: the first {n} test images, the {name} images the {prefix} evaluation produced, "
                    f"and their difference ({how}). "
                    + ("Captions: the counterfactual's target class t and the saved model's prediction (→, red "
