@@ -446,7 +446,7 @@ def _examples(rec: Mapping[str, Any], run_dir: Path, *, with_predictions: bool =
                        f"(prediction, and explanation where the network takes one), and their difference ({how}). "
                        "Captions: true label y and the saved model's prediction (→, red when wrong)"
                        + ("" if preds else " (model not available: labels only)")
-                       + f". Largest |change| over pixels: {float(np.abs(delta).reshape(n, -1).max()) if n else math.nan:.4g}.")
+                       + f". Largest |change| over pixels: {linf:.4g}.")
             out.append({"title": f"{prefix} (members and their reconstructions)", "img": img, "caption": caption})
             continue
         caption = (f"{prefix}: the first {n} test images, the {name} images the {prefix} evaluation produced, "
