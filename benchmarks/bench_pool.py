@@ -35,7 +35,7 @@ from cfbench.execution.local import LocalExecutor, default_workers
 from cfbench.testing.tiny import tiny_config, tiny_data
 
 K = 8
-EPOCHS = 2
+EPOCHS = 6
 ROUNDS = 2
 
 
@@ -109,3 +109,64 @@ def _compare(benchmark, sides, title: str) -> None:
     for k in sides:
         print(f"  {k:16s} median {med[k]:7.1f} s  ratio {med[k] / med['serial']:.3f}  "
               f"(rounds: {', '.join(f'{t:.1f}' for t in times[k])})")
+
+
+# -- how close to the core's arithmetic peak one step already is --------------------------
+
+def _seconds(fn, repeat: int = 5) -> float:
+    fn()                                              # warm-up (allocator, kernel choice)
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _pgd_step(net, x, y):
+    """One PGD-AT training step (PGD-10 from a random start, then the training loss's backward)."""
+    from cfbench.attacks.pgd import pgd
+
+    x_adv = pgd(net, x, y, eps=0.1, step_size=0.025, steps=10)
+    net.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(net(x_adv), y).backward()
+
+
+@pytest.mark.benchmark(group="pool")
+def test_roofline(benchmark):
+    """FLOPs of one PGD-AT step (``torch.utils.flop_counter``) over its time, one thread, against
+    the same thread's single-precision matrix-product rate (a 1024 x 1024 sgemm): the fraction of
+    the core's usable arithmetic a step already reaches.  If serial training reaches a fraction
+    ``f`` of it, no scheme on ``c`` cores can go below ``f / c`` of the serial time without doing
+    less arithmetic -- the bound behind the pool target (README "Performance")."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cfbench.training.ensemble import StackedNet
+    from cfbench.training.recipe import build_model_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_config("pgd-at", sets={"data.pool_size": None, "model.width": 32, "data.test_size": 100})
+        data = tiny_data(cfg)
+        x, y = data.x_pool[:128].clone(), data.y_pool[:128].clone()
+        single = build_model_for(cfg, data, 0)
+        stacked = StackedNet([build_model_for(cfg, data, s) for s in range(K)])
+        xs, ys = x.repeat(K, 1, 1, 1), y.repeat(K)
+        a = torch.randn(1024, 1024)
+        gemm = _seconds(lambda: a @ a, repeat=20)
+        peak = 2 * 1024 ** 3 / gemm
+        out = {"sgemm_gflops": peak / 1e9}
+        for name, net, xb, yb in (("serial", single, x, y), ("batched", stacked, xs, ys)):
+            with FlopCounterMode(display=False) as fc:
+                _pgd_step(net, xb, yb)
+            flops = fc.get_total_flops()
+            sec = _seconds(lambda: _pgd_step(net, xb, yb))
+            out[f"{name}_gflops"] = flops / sec / 1e9
+            out[f"{name}_fraction_of_sgemm"] = flops / sec / peak
+        out["bound_2_cores"] = out["serial_fraction_of_sgemm"] / 2
+        benchmark.extra_info.update(out)
+        print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+        benchmark.pedantic(_pgd_step, args=(single, x, y), rounds=3, iterations=1)
+    finally:
+        torch.set_num_threads(before)

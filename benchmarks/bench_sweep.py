@@ -23,7 +23,7 @@ dataset = "digits"
 seed = [0, 1, 2, 3]
 evaluators = "clean,pgd"
 [set]
-epochs = 4
+epochs = 15
 "data.pool_size" = 400
 "pgd.n_examples" = 100
 """
