@@ -295,6 +295,16 @@ def summary_table(rows: list[tuple[Point, dict]]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
 
 
+def sweep_command(grid_path: str | Path, out: str | Path, leaderboards: str | Path | None = None) -> str:
+    """The command that reproduces a sweep's runs (the executor and workers change no result)."""
+    import shlex
+
+    parts = ["cfbench", "sweep", str(grid_path), "--out", str(out)]
+    if leaderboards is not None:
+        parts += ["--leaderboards", str(leaderboards)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "local", workers: int | None = None,
           address: str | None = None, leaderboards: str | Path | None = None, dry_run: bool = False,
           log=print) -> list[tuple[Point, dict]]:
@@ -328,8 +338,10 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
         for p in todo:
             log(f"  would run {p.cfg.run_id()}  [{p.label}]")
         return rows
+    from .present.leaderboard import record_sweep
     from .progress import Progress, is_terminal
 
+    record_sweep(out, str(grid_path), sweep_command(grid_path, out, leaderboards), [p.cfg.run_id() for p in points])
     # a terminal: a bar with k/K and an ETA, each finished run written above it; a log file:
     # one timestamped line per finished run with the overall k/K, elapsed time and ETA
     bar = Progress(len(todo), "sweep", "run", enabled=bool(todo))

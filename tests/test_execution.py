@@ -165,6 +165,43 @@ def test_a_sweep_runs_skips_finished_runs_and_builds_its_leaderboard(tmp_path, c
     assert alone.record["metrics"] == swept["metrics"]
 
 
+def test_a_swept_leaderboard_names_the_sweep_that_produced_its_runs(tmp_path):
+    """Every table built from a runs folder a sweep wrote into names that sweep's command (from
+    the folder's sweeps.json), whether the sweep or `cfbench leaderboard` builds it; a second
+    sweep into the folder keeps the first's entry; a damaged sweeps.json is reported, not fatal."""
+    import warnings
+
+    from cfbench.present.leaderboard import SWEEPS_FILE, build, read_sweeps
+    from cfbench.present.writers import to_json_obj, to_markdown
+
+    text = GRID.replace('"defense.steps" = 2\n', "").replace('defense = ["erm", "pgd-at"]', 'defense = "erm"')
+    g1 = _grid(tmp_path, text.replace("seed = [0, 1]", "seed = 0"), "one.toml")
+    g2 = _grid(tmp_path, text.replace("seed = [0, 1]", "seed = 1").replace('"model.width" = 8', '"model.width" = 6'),
+               "two.toml")
+    out = tmp_path / "runs"
+    assert main(["sweep", str(g1), "--out", str(out), "--workers", "1"]) == 0
+    assert main(["sweep", str(g2), "--out", str(out), "--workers", "1"]) == 0
+    entries = {e["grid"]: e for e in read_sweeps(out)}
+    assert set(entries) == {str(g1), str(g2)}
+    assert entries[str(g1)]["command"] == f"cfbench sweep {g1} --out {out}"
+    md = sorted((out / "leaderboards").glob("*.md"))
+    assert len(md) == 2                                   # widths differ: two protocols
+    boards = {lb.records["run_id"].iloc[0]: lb for lb in build(out)}
+    for e in entries.values():
+        (rid,) = e["run_ids"]
+        lb = boards[rid]
+        assert lb.produced_by == [e["command"]]           # each table names its own sweep only
+        assert f"Runs produced by: `{e['command']}`" in to_markdown(lb)
+        assert to_json_obj(lb)["produced_by"] == [e["command"]]
+    assert any(f"Runs produced by: `{entries[str(g1)]['command']}`" in p.read_text() for p in md)
+    (out / SWEEPS_FILE).write_text("{not json", encoding="utf-8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rebuilt = build(out)
+    assert len(rebuilt) == 2 and all(lb.produced_by == [] for lb in rebuilt)
+    assert any(SWEEPS_FILE in str(w.message) and "unreadable" in str(w.message) for w in caught)
+
+
 @pytest.mark.slow
 def test_a_sweep_survives_a_killed_worker(tmp_path):
     """SIGKILL one pool worker in the middle of a run: the sweep restarts the pool, finishes

@@ -347,6 +347,9 @@ class Leaderboard:
     #: sha256 over the records the table was built from (id, config hash, created, status): a
     #: rebuild from the same runs that gives another digest means this table is stale
     source_digest: str | None = None
+    #: the ``cfbench sweep`` commands that produced this table's runs (from the runs folder's
+    #: :data:`SWEEPS_FILE`); empty when the runs came from ``cfbench run``
+    produced_by: list[str] = field(default_factory=list)
 
     @property
     def dataset(self) -> str:
@@ -409,7 +412,8 @@ class Leaderboard:
                    excluded=list(obj.get("excluded") or []), runs=obj.get("runs") or "runs",
                    include_flagged=bool(obj.get("include_flagged")),
                    defenses=((obj.get("filters") or {}).get("defenses") or None),
-                   source_digest=(obj.get("source") or {}).get("digest"))
+                   source_digest=(obj.get("source") or {}).get("digest"),
+                   produced_by=[str(c) for c in obj.get("produced_by") or []])
 
     def pareto_text(self) -> str:
         if not self.pareto_axes:
@@ -691,7 +695,49 @@ def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: 
                for r in bad.get(pid, [])] + [dict(e) for e in unusable]
         boards.append(aggregate(groups[pid], runs=runs_label or str(runs), excluded=exc,
                                 include_flagged=include_flagged, defenses=defenses))
+    sweeps = read_sweeps(runs)
+    for lb in boards:
+        ids = set(lb.records["run_id"]) if len(lb.records) else set()
+        lb.produced_by = [s["command"] for s in sweeps if ids & set(s["run_ids"])]
     return boards
+
+
+#: in a runs folder: the ``cfbench sweep`` commands that wrote into it and the run ids of their
+#: grids, so a table built from the folder names the sweep that reproduces its rows
+SWEEPS_FILE = "sweeps.json"
+
+
+def record_sweep(runs: str | Path, grid: str, command: str, run_ids: Sequence[str]) -> None:
+    """Add (or replace) the entry of sweep file ``grid`` in ``runs``/:data:`SWEEPS_FILE`
+    (atomically, under a lock: two sweeps into one folder keep both entries)."""
+    from ..store.io import file_lock, lock_path, write_json
+
+    path = Path(runs) / SWEEPS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock_path(path)):
+        entries = {s["grid"]: s for s in read_sweeps(runs, warn=False)}
+        entries[grid] = {"grid": grid, "command": command, "run_ids": sorted(set(run_ids))}
+        write_json(path, {"version": 1, "sweeps": [entries[k] for k in sorted(entries)]})
+
+
+def read_sweeps(runs: str | Path, *, warn: bool = True) -> list[dict[str, Any]]:
+    """The entries of ``runs``/:data:`SWEEPS_FILE` ([] if there is none); a damaged file is
+    reported (a warning) and treated as empty, never fatal."""
+    import warnings
+
+    path = Path(runs) / SWEEPS_FILE
+    if not path.is_file():
+        return []
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        entries = [{"grid": str(e["grid"]), "command": str(e["command"]), "run_ids": [str(i) for i in e["run_ids"]]}
+                   for e in obj["sweeps"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if warn:
+            warnings.warn(f"{path}: unreadable ({type(exc).__name__}: {exc}); the tables do not name their sweep",
+                          stacklevel=2)
+        return []
+    return entries
 
 
 def command_for(dataset: str, runs: str, out: str = "leaderboards", include_flagged: bool = False,

@@ -114,8 +114,9 @@ def _md_cell(text: Any) -> str:
 def to_markdown(lb: Leaderboard) -> str:
     header, body = display_rows(lb)
     lines = [f"# Leaderboard: {_md_cell(lb.name)}", "",
-             f"Rebuild with: `{lb.command}`", "",
-             f"Protocol `{lb.protocol_id[:12]}`:", ""]
+             f"Rebuild with: `{lb.command}`", ""]
+    lines += [f"Runs produced by: `{c}`" for c in lb.produced_by] + ([""] if lb.produced_by else [])
+    lines += [f"Protocol `{lb.protocol_id[:12]}`:", ""]
     lines += [f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in describe_protocol(lb.protocol)]
     lines += ["", "| " + " | ".join(_md_cell(h) for h in header) + " |",
               "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(header))) + "|"]
@@ -137,7 +138,7 @@ def _csv_name(col: str) -> str:
 def to_csv(lb: Leaderboard) -> str:
     """CSV (fractions, not percent), headed by ``#`` comment lines: read with
     ``pandas.read_csv(path, comment="#")``."""
-    head = [f"# leaderboard {lb.name}", f"# rebuild: {lb.command}",
+    head = [f"# leaderboard {lb.name}", f"# rebuild: {lb.command}", *(f"# runs produced by: {c}" for c in lb.produced_by),
             f"# protocol {lb.protocol_id}: {canonical_json(lb.protocol)}", f"# {lb.pareto_text()}",
             f"# robust accuracy: {lb.robust_source or 'not evaluated'}; "
             f"leakage for the Pareto rank: {lb.leakage_label}"]
@@ -210,7 +211,8 @@ def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
                        | {"report": (None if _rel(r["path"], lb.runs) is None
                                      else str(Path(_rel(r["path"], lb.runs)) / RUN_REPORT))})
     return {
-        "name": lb.name, "command": lb.command, "protocol_id": lb.protocol_id, "protocol": lb.protocol,
+        "name": lb.name, "command": lb.command, "produced_by": list(lb.produced_by),
+        "protocol_id": lb.protocol_id, "protocol": lb.protocol,
         "filters": {"dataset": lb.dataset, "defenses": lb.defenses},
         "source": {"runs": lb.runs, "digest": lb.source_digest},
         "interval": INTERVAL_TEXT,
@@ -274,6 +276,7 @@ def to_latex(lb: Leaderboard) -> str:
                                label=f"tab:{''.join(c if c.isalnum() else '-' for c in lb.name)}",
                                position="t", position_float="centering", environment="table")
     head = [f"% leaderboard {lb.name} (needs \\usepackage{{booktabs}})", f"% rebuild: {lb.command}",
+            *(f"% runs produced by: {c}" for c in lb.produced_by),
             f"% protocol {lb.protocol_id}"]
     return "\n".join(head) + "\n" + body_tex
 
