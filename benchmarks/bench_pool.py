@@ -125,9 +125,9 @@ def _seconds(fn, repeat: int = 5) -> float:
 
 def _pgd_step(net, x, y):
     """One PGD-AT training step (PGD-10 from a random start, then the training loss's backward)."""
-    from cfbench.attacks.pgd import pgd
+    from cfbench.attacks.pgd import default_step_size, pgd
 
-    x_adv = pgd(net, x, y, eps=0.1, step_size=0.025, steps=10)
+    x_adv = pgd(net, x, y, eps=0.1, step_size=default_step_size(0.1, 10), steps=10)
     net.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(net(x_adv), y).backward()
 
