@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import os
 import sys
 import time
 import tomllib
@@ -296,12 +297,15 @@ def summary_table(rows: list[tuple[Point, dict]]) -> str:
 
 
 def sweep_command(grid_path: str | Path, out: str | Path, leaderboards: str | Path | None = None) -> str:
-    """The command that reproduces a sweep's runs (the executor and workers change no result)."""
+    """The command that reproduces a sweep's runs (the executor and workers change no result).
+    Paths are normalised (``os.path.normpath``: ``./a//b.toml`` is ``a/b.toml``), so one sweep
+    file typed two ways is one command and one entry of ``sweeps.json``."""
+    import os
     import shlex
 
-    parts = ["cfbench", "sweep", str(grid_path), "--out", str(out)]
+    parts = ["cfbench", "sweep", os.path.normpath(grid_path), "--out", os.path.normpath(out)]
     if leaderboards is not None:
-        parts += ["--leaderboards", str(leaderboards)]
+        parts += ["--leaderboards", os.path.normpath(leaderboards)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -341,7 +345,7 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
     from .present.leaderboard import record_sweep
     from .progress import Progress, is_terminal
 
-    record_sweep(out, str(grid_path), sweep_command(grid_path, out, leaderboards), [p.cfg.run_id() for p in points])
+    record_sweep(out, os.path.normpath(grid_path), sweep_command(grid_path, out, leaderboards), [p.cfg.run_id() for p in points])
     # a terminal: a bar with k/K and an ETA, each finished run written above it; a log file:
     # one timestamped line per finished run with the overall k/K, elapsed time and ETA
     bar = Progress(len(todo), "sweep", "run", enabled=bool(todo))

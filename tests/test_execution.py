@@ -181,6 +181,8 @@ def test_a_swept_leaderboard_names_the_sweep_that_produced_its_runs(tmp_path):
     out = tmp_path / "runs"
     assert main(["sweep", str(g1), "--out", str(out), "--workers", "1"]) == 0
     assert main(["sweep", str(g2), "--out", str(out), "--workers", "1"]) == 0
+    # the first sweep file typed another way (its runs are finished: nothing reruns) is the same entry
+    assert main(["sweep", f"{tmp_path}/./{g1.name}", "--out", f"{out}//", "--workers", "1"]) == 0
     entries = {e["grid"]: e for e in read_sweeps(out)}
     assert set(entries) == {str(g1), str(g2)}
     assert entries[str(g1)]["command"] == f"cfbench sweep {g1} --out {out}"
