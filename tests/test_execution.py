@@ -49,6 +49,35 @@ def test_a_job_trains_the_same_model_in_process_and_in_a_pool_worker(tmp_path):
     assert _same(_weights(here), _weights(there))
 
 
+def test_deterministic_reaches_pool_workers(tmp_path):
+    """`--deterministic` is applied in the worker that trains a job (recorded in the model file's
+    metadata), and switched off again for a later job of a run without it (a Ray worker runs
+    jobs of several runs)."""
+    import dataclasses
+
+    from cfbench.execution.local import _job_determinism
+    from cfbench.store.io import read_tensor_meta
+
+    cfg = tiny_config("erm")
+    data = tiny_data(cfg)
+    strict = dataclasses.replace(cfg, deterministic=True)
+    with LocalExecutor(workers=1 + 1) as ex:
+        [a] = ex.run([XR.reference_job(strict, data, 0, tmp_path / "a")])
+        [b] = ex.run([XR.reference_job(cfg, data, 0, tmp_path / "b")])
+        assert ex.modes[str(a)] == ex.modes[str(b)] == "worker"
+    assert read_tensor_meta(a)["deterministic_algorithms"] is True
+    assert read_tensor_meta(b)["deterministic_algorithms"] is False
+    assert _same(_weights(a), _weights(b))     # on CPU the switch changes no result
+    try:                                       # one worker, two runs' jobs in turn
+        _job_determinism(strict)
+        assert torch.are_deterministic_algorithms_enabled()
+        _job_determinism(cfg)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
 def test_a_job_whose_data_changed_in_memory_runs_in_process(tmp_path):
     cfg = tiny_config("erm")
     data = tiny_data(cfg)

@@ -135,5 +135,7 @@ def save_model(job: TrainingJob, path: Path, model, fctx, seconds: float, **extr
     meta = {"kind": job.kind, **job.meta, "train_seed": int(job.seed),
             "subset_sha256": subset_sha(np.flatnonzero(job.subset)), "n_train": int(job.subset.sum()),
             "train_seconds": seconds, **model_meta(job.cfg, job.data, fctx),
-            "final_loss": (fctx.history[-1].get("loss") if fctx.history else None), **extra}
+            "final_loss": (fctx.history[-1].get("loss") if fctx.history else None),
+            # what the process that trained it ran under (``--deterministic`` reaches pool and Ray workers)
+            "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()), **extra}
     save_tensors_atomic(path, unwrap(model).state_dict(), meta)

@@ -113,9 +113,27 @@ def _rebuild(job: RemoteJob) -> TrainingJob:
                        cache_dir=job.cache_dir, kind=job.kind, desc=job.desc, meta=job.meta)
 
 
+def _job_determinism(cfg) -> None:
+    """Give this worker the run's ``--deterministic`` setting (a worker process is shared by
+    jobs of possibly different runs -- Ray's are -- so the switch is set both ways, where
+    :func:`cfbench.config.apply_determinism` in the run's own process only switches it on)."""
+    import torch
+
+    from ..config import apply_determinism
+
+    enabled = bool(getattr(cfg, "deterministic", False))
+    if enabled:
+        apply_determinism(True)
+    elif torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
 def run_remote(job: RemoteJob) -> str:
     """Worker entry point (also Ray's task body): rebuild the job with data reloaded from its
-    recipe, check them against the parent's sha256, run it; returns the model path."""
+    recipe, check them against the parent's sha256, apply the run's ``--deterministic``, run
+    it; returns the model path."""
+    _job_determinism(job.cfg)
     return str(run_job(_rebuild(job), progress=False))
 
 
@@ -123,6 +141,8 @@ def run_remote_group(jobs: Sequence[RemoteJob]) -> list[tuple[str, str]]:
     """Worker entry point of a batched unit (:func:`cfbench.execution.batched.run_group`)."""
     from .batched import run_group
 
+    if jobs:
+        _job_determinism(jobs[0].cfg)
     return [(str(p), how) for p, how in run_group([_rebuild(j) for j in jobs], progress=False)]
 
 
