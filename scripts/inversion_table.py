@@ -13,14 +13,25 @@ Sections:
    score (Hanley-McNeil interval), and the network's best / last epoch (was it still improving?);
 3. ExpMI (g) across targets: members' MSE (gain over that target's (d)).
 
-Only finished runs (record.json with status "ok") of the dataset are read.
+Only finished runs (record.json with status "ok") of the dataset are read.  Runs of **one target**
+are joined into one column: the same config apart from the evaluators (defense, model, training,
+data, seed) and the same inversion settings apart from which explanations / architectures /
+attention transfer they ran -- a sweep may split one target's networks over several runs so that
+each fits in a session (scripts/sweeps/inversion_fmnist.toml).  The target weights
+(`model.safetensors`) of joined runs must be identical (they are: CPU training is deterministic);
+runs whose weights differ are kept apart with a warning.  A different inversion setting (e.g.
+`width`) is a different column, labelled with the setting.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
+
+#: inversion settings that only choose which networks a run trains (runs differing in them join)
+SELECTION = ("explanations", "architectures", "attention_transfer", "n_examples")
 
 DEFENSE_ORDER = ["erm", "pgd-at", "dp-sgd", "cf-at"]
 EXPL_ORDER = ["cam", "saliency", "input_x_gradient", "integrated_gradients", "gradcam",
@@ -44,7 +55,58 @@ def load(folder: Path, dataset: str):
             continue
         runs.append(r)
     key = lambda r: (DEFENSE_ORDER.index(defense(r)) if defense(r) in DEFENSE_ORDER else 99, r["run_id"])
-    return sorted(runs, key=key)
+    return join(sorted(runs, key=key), folder)
+
+
+def _weights_digest(folder: Path, run_id: str) -> str | None:
+    path = folder / run_id / "model.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    t = load_file(str(path))
+    h = hashlib.sha256()
+    for k in sorted(t):
+        h.update(k.encode())
+        h.update(t[k].tobytes())
+    return h.hexdigest()
+
+
+def _target_key(r) -> tuple[str, str]:
+    """(the run's config without evaluators, its inversion settings without the selection)."""
+    c = {k: v for k, v in r["config"].items() if k not in ("evaluators", "device", "data_dir", "deterministic")}
+    inv = dict(r["config"]["evaluators"]["inversion"]["params"])
+    for k in SELECTION:
+        inv.pop(k, None)
+    return json.dumps(c, sort_keys=True), json.dumps(inv, sort_keys=True)
+
+
+def join(runs, folder: Path):
+    """One record per target and inversion setting: metrics and network notes of its runs merged."""
+    groups: dict[tuple, list] = {}
+    for r in runs:
+        groups.setdefault(_target_key(r) + (_weights_digest(folder, r["run_id"]),), []).append(r)
+    keys = {k[:2] for k in groups}
+    for k2 in keys:
+        digests = [k[2] for k in groups if k[:2] == k2]
+        if len(digests) > 1:
+            print(f"warning: runs of one recipe have different target weights; kept apart: "
+                  f"{[r['run_id'] for k, g in groups.items() if k[:2] == k2 for r in g]}", file=sys.stderr)
+    widths = {}
+    for k in groups:
+        widths.setdefault(k[0], set()).add(k[1])
+    out = []
+    for k, g in groups.items():
+        r = json.loads(json.dumps(g[0]))
+        r["run_ids"] = [x["run_id"] for x in g]
+        nets = r.setdefault("notes", {}).setdefault("inversion", {}).setdefault("networks", {})
+        for x in g[1:]:
+            r["metrics"].update({m: v for m, v in x["metrics"].items() if m.startswith("inversion.")})
+            nets.update(x.get("notes", {}).get("inversion", {}).get("networks", {}))
+        inv = json.loads(k[1])
+        r["label"] = defense(r) if len(widths[k[0]]) == 1 else f"{defense(r)} (inversion width {inv.get('width')})"
+        out.append(r)
+    return out
 
 
 def defense(r):
@@ -118,11 +180,11 @@ def main(argv):
         m = r["metrics"]
         tr, te = val(m, "clean.train_accuracy")[0], val(m, "clean.accuracy")[0]
         g = f"{(tr - te) * 100:+.1f}" if tr is not None and te is not None else "n/a"
-        print(f"| {defense(r)} | {r['run_id']} | {fmt(m, 'clean.accuracy', 1, pct=True)} | "
+        print(f"| {r['label']} | {', '.join(r['run_ids'])} | {fmt(m, 'clean.accuracy', 1, pct=True)} | "
               f"{fmt(m, 'clean.train_accuracy', 1, pct=True)} | {g} |")
     for r in runs:
         m = r["metrics"]
-        print(f"\n## {defense(r)}: every inversion network\n")
+        print(f"\n## {r['label']}: every inversion network\n")
         print("| network | members MSE | test MSE | members SSIM | eval-clf acc. (members) | gain vs (d) | "
               "gap MSE | gap AUC | best/last epoch |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -133,7 +195,7 @@ def main(argv):
                   f"{fmt(m, p + '.members.ssim', 3, ci=False)} | {fmt(m, p + '.members.accuracy', 3, ci=False)} | "
                   f"{gain} | {fmt(m, p + '.gap.mse')} | {fmt(m, p + '.gap.auc', 3)} | {epochs(r, n)} |")
     print("\n## ExpMI (g) across targets: members MSE (gain over the target's own (d))\n")
-    print("| explanation | " + " | ".join(defense(r) for r in runs) + " |")
+    print("| explanation | " + " | ".join(r["label"] for r in runs) + " |")
     print("|---|" + "---|" * len(runs))
     rows = ["prediction"] + [f"{e}.expmi" for e in EXPL_ORDER] + ["attention_transfer"]
     for n in rows:
