@@ -78,6 +78,37 @@ def test_deterministic_reaches_pool_workers(tmp_path):
         torch.backends.cudnn.deterministic = False
 
 
+def test_a_job_another_process_is_training_is_deferred_not_waited_for(tmp_path):
+    """Job 0's lock is held elsewhere (another run of the recipe training it): the in-process
+    executor trains job 1 first, then waits for job 0 and returns the paths in job order."""
+    import fcntl
+    import threading
+
+    from cfbench.store.io import lock_path
+
+    cfg = tiny_config("erm")
+    data = tiny_data(cfg)
+    jobs = [XR.reference_job(cfg, data, i, tmp_path) for i in range(2)]
+    lock = lock_path(jobs[0].path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)                   # "another process" (a separate open file description)
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(LocalExecutor(workers=1).run(jobs)), daemon=True)
+    t.start()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not jobs[1].path.exists():
+            time.sleep(0.2)
+        assert jobs[1].path.exists(), "job 1 was not trained while job 0 was busy elsewhere"
+        assert not jobs[0].path.exists() and t.is_alive()      # job 0 still waits for its lock
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    t.join(timeout=120)
+    assert got and got[0] == [jobs[0].path, jobs[1].path] and jobs[0].path.exists()
+
+
 def test_a_job_whose_data_changed_in_memory_runs_in_process(tmp_path):
     cfg = tiny_config("erm")
     data = tiny_data(cfg)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from ..store.io import is_locked, lock_path
 from .jobs import TrainingJob, run_job
 
 EXECUTORS = ("local", "ray")
@@ -219,13 +220,20 @@ class LocalExecutor:
                 self._futures[Path(j.path)] = fut
 
     def run(self, jobs: Sequence[TrainingJob]) -> list[Path]:
-        """Run (or wait for) every job; their model paths in order."""
+        """Run (or wait for) every job; their model paths in order.
+
+        A job that another process is training right now (its lock is held: e.g. a second run
+        of the same recipe in a sweep, which shares the reference pool) is deferred, not waited
+        for: this process trains the free jobs first and only then waits for the busy ones (and
+        finds their files).  Two runs of one recipe thus split its pool instead of one waiting
+        while the other trains it all.  Order never changes a result (jobs are pure)."""
         self.submit(jobs)
         from .batched import plan, run_group
 
         local = [j for j in jobs if Path(j.path) not in self._futures and not Path(j.path).exists()]
         groups = {Path(j.path): unit for unit, batched in plan(local, self.train_mode, 1) if batched for j in unit}
-        out = []
+        out: list[Path] = []
+        deferred: list[tuple[int, TrainingJob]] = []
         for job in jobs:
             self._declare(job)
             path = Path(job.path)
@@ -255,10 +263,24 @@ class LocalExecutor:
                 out.append(p)
                 self.modes[str(path)] = how
                 continue
-            cached = path.exists()
-            out.append(run_job(job, progress=self.progress))
-            self.modes[str(path)] = "cached" if cached else "in-process"
+            if not path.exists() and is_locked(lock_path(path)):
+                deferred.append((len(out), job))             # another process trains it: later
+                out.append(path)
+                continue
+            out.append(self._run_here(job))
+        while deferred:                                      # free ones first, then wait for the first busy one
+            k = next((k for k, (_, j) in enumerate(deferred)
+                      if Path(j.path).exists() or not is_locked(lock_path(j.path))), 0)
+            i, job = deferred.pop(k)
+            out[i] = self._run_here(job)
         return out
+
+    def _run_here(self, job: TrainingJob) -> Path:
+        path = Path(job.path)
+        cached = path.exists()
+        got = run_job(job, progress=self.progress)
+        self.modes[str(path)] = "cached" if cached else "in-process"
+        return got
 
     __call__ = run
 
