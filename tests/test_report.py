@@ -444,6 +444,12 @@ def test_leaderboard_rows_link_to_run_reports(tmp_path):
         target = (page.parent / h).resolve()
         assert target.exists() and target.parent.parent == runs.resolve()
         assert "<!DOCTYPE html>" in target.read_text()[:40]
+    # the Markdown table links the same reports (relative to where it is written)
+    import re
+
+    md = page.with_suffix(".md").read_text()
+    md_links = re.findall(r"\[seed \d+\]\(([^)]+)\)", md.split("Run reports:", 1)[1])
+    assert sorted((page.parent / h).resolve() for h in md_links) == sorted((page.parent / h).resolve() for h in reports)
     # the leaderboard's report links each row and each run to the same reports, from where it is written
     rep = tmp_path / "elsewhere" / "lb.html"
     assert main(["report", "--leaderboard", page.name[:-5], "--leaderboards", str(out), "--out", str(rep)]) == 0

@@ -111,7 +111,9 @@ def _md_cell(text: Any) -> str:
             .replace("\n", " "))
 
 
-def to_markdown(lb: Leaderboard) -> str:
+def to_markdown(lb: Leaderboard, out_dir: str | Path | None = None) -> str:
+    """The table as Markdown; with ``out_dir`` (where the file goes), a list of links to each
+    row's run reports below it (relative to ``out_dir``, as the HTML table links them)."""
     header, body = display_rows(lb)
     lines = [f"# Leaderboard: {_md_cell(lb.name)}", "",
              f"Rebuild with: `{lb.command}`", ""]
@@ -121,6 +123,12 @@ def to_markdown(lb: Leaderboard) -> str:
     lines += ["", "| " + " | ".join(_md_cell(h) for h in header) + " |",
               "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
+    if out_dir is not None and len(lb.rows):
+        links = run_links(lb, out_dir)
+        if any(links):
+            lines += ["", "Run reports:", ""]
+            lines += [f"- {_md_cell(label)}: " + ", ".join(f"[{t}]({h})" for t, h in row_links)
+                      for label, row_links in zip(lb.rows["label"], links) if row_links]
     lines += [""] + [f"- {_md_cell(n)}" for n in notes(lb)]
     lines += [f"  - {_md_cell(line)}" for line in excluded_lines(lb)]
     return "\n".join(lines) + "\n"
@@ -419,7 +427,7 @@ def write(lb: Leaderboard, out_dir: str | Path = "leaderboards") -> dict[str, Pa
     checks: :func:`write_tables` refuses to overwrite another protocol's files and removes stale
     ones.)"""
     out_dir = Path(out_dir)
-    texts = {"md": to_markdown(lb), "csv": to_csv(lb), "json": to_json(lb), "html": to_html(lb, out_dir),
+    texts = {"md": to_markdown(lb, out_dir), "csv": to_csv(lb), "json": to_json(lb), "html": to_html(lb, out_dir),
              "tex": to_latex(lb)}
     paths = {}
     for ext, text in texts.items():
