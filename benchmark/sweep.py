@@ -300,7 +300,6 @@ def sweep_command(grid_path: str | Path, out: str | Path, leaderboards: str | Pa
     """The command that reproduces a sweep's runs (the executor and workers change no result).
     Paths are normalised (``os.path.normpath``: ``./a//b.toml`` is ``a/b.toml``), so one sweep
     file typed two ways is one command and one entry of ``sweeps.json``."""
-    import os
     import shlex
 
     parts = ["cfbench", "sweep", os.path.normpath(grid_path), "--out", os.path.normpath(out)]
@@ -345,7 +344,8 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
     from .present.leaderboard import record_sweep
     from .progress import Progress, is_terminal
 
-    record_sweep(out, os.path.normpath(grid_path), sweep_command(grid_path, out, leaderboards), [p.cfg.run_id() for p in points])
+    record_sweep(out, os.path.normpath(grid_path), sweep_command(grid_path, out, leaderboards),
+                 [p.cfg.run_id() for p in points])
     # a terminal: a bar with k/K and an ETA, each finished run written above it; a log file:
     # one timestamped line per finished run with the overall k/K, elapsed time and ETA
     bar = Progress(len(todo), "sweep", "run", enabled=bool(todo))
