@@ -177,17 +177,22 @@ def device_type(device: str) -> str:
     return str(device).split(":", 1)[0]
 
 
-def apply_determinism(enabled: bool) -> None:
+def apply_determinism(enabled: bool, *, reset: bool = False) -> None:
     """``--deterministic``: ``torch.use_deterministic_algorithms(True)`` (an op without a
     deterministic implementation raises instead of running), cuDNN's deterministic kernels
     without benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (which deterministic cuBLAS
     needs on CUDA >= 10.2; set before the first CUDA call).  On CPU cfbench's ops are
-    deterministic already; the switch matters on CUDA.  ``False`` leaves torch as it is."""
+    deterministic already; the switch matters on CUDA.  ``False`` leaves torch as it is, unless
+    ``reset``: then a switch left on (by an earlier job in a shared worker process) is turned
+    off again -- what a pool or Ray worker, which runs jobs of several runs, needs."""
+    import torch
+
     if not enabled:
+        if reset and torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(False)
+            torch.backends.cudnn.deterministic = False
         return
     import os
-
-    import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)

@@ -16,12 +16,14 @@ leftover-temp      ``.<file>.<host>.<pid>.<random>.tmp`` of a writer that is    
 stale-checkpoint   ``checkpoints/`` of a finished run, ``<i>.ckpt/`` of a       removed (never resumed anyway)
                    cached model that exists (a kill between the rename of the
                    record / model and the cleanup); ``error.txt`` of a
-                   finished run
+                   finished run; a batched group's ``group-<hash>.ckpt/``
+                   once every member it names is a finished model
 corrupt-cache      a ``_cache`` safetensors file that cannot be read            removed (recomputed when next needed)
                    (truncated: its header does not cover the file) or a
                    reference model without its metadata; a ``.npz`` that is
                    not a readable zip
-corrupt-checkpoint a ``checkpoints/last.safetensors`` that cannot be read       removed (that training restarts)
+corrupt-checkpoint a ``checkpoints/last.safetensors`` (or a ``.ckpt/`` one)      removed (that training restarts)
+                   that cannot be read
 corrupt-record     a ``record.json`` that is not a JSON object (truncated,      renamed to ``record.json.corrupt``: the
                    ``[]``, ``null``) -- the run counts as unfinished            run is unfinished, its command reruns it
 staged-run         a finished ``--force`` attempt whose swap a kill            swap completed
@@ -211,7 +213,9 @@ def _cache(root: Path, out: list[Finding]) -> None:
         if CACHE_DIR not in here.relative_to(root).parts:
             continue
         in_refmodels = "refmodels" in here.relative_to(root).parts
-        for name in files:
+        # a checkpoint folder (`<i>.ckpt/`, a batched group's `group-<hash>.ckpt/`) holds training
+        # checkpoints, not cached models: it is judged as a whole below, from its parent
+        for name in ([] if here.name.endswith(".ckpt") else files):
             p = here / name
             if p.is_symlink() or temp_target(p) is not None:
                 continue
@@ -229,6 +233,9 @@ def _cache(root: Path, out: list[Finding]) -> None:
             if not name.endswith(".ckpt"):
                 continue
             ck = here / name
+            if name.startswith("group-"):
+                _group_checkpoint_findings(ck, out)
+                continue
             model = here / (name[: -len(".ckpt")] + ".safetensors")
             if ck.is_symlink() or is_locked(lock_path(model)):
                 continue
@@ -237,6 +244,25 @@ def _cache(root: Path, out: list[Finding]) -> None:
             elif (ck / CKPT_NAME).is_file() and checkpoint_problem(ck / CKPT_NAME):
                 out.append(Finding("corrupt-checkpoint", ck / CKPT_NAME, checkpoint_problem(ck / CKPT_NAME) or "",
                                    "remove (training restarts)"))
+
+
+def _group_checkpoint_findings(ck: Path, out: list) -> None:
+    """A batched group's ``group-<hash>.ckpt/``: corrupt if unreadable, stale once every member
+    it names is a finished model (another group, e.g. after a restart with another pool split,
+    trained them); left alone while a member trains or is still missing (it may resume)."""
+    f = ck / CKPT_NAME
+    if ck.is_symlink() or not f.is_file():
+        return
+    problem = checkpoint_problem(f)
+    if problem:
+        out.append(Finding("corrupt-checkpoint", f, problem, "remove (training restarts)"))
+        return
+    members = [ck.parent / m for m in read_tensor_meta(f).get("extra", {}).get("members", [])]
+    if not members or any(is_locked(lock_path(m)) for m in members):
+        return
+    if all(m.is_file() and model_file_problem(m) is None for m in members):
+        out.append(Finding("stale-checkpoint", ck, f"checkpoint of a batched group of {len(members)} models, "
+                           "all finished", "remove"))
 
 
 def _safetensors_problem(p: Path) -> str | None:

@@ -344,7 +344,7 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
     from .present.leaderboard import record_sweep
     from .progress import Progress, is_terminal
 
-    record_sweep(out, os.path.normpath(grid_path), sweep_command(grid_path, out, leaderboards),
+    record_sweep(out, str(grid_path), sweep_command(grid_path, out, leaderboards),
                  [p.cfg.run_id() for p in points])
     # a terminal: a bar with k/K and an ETA, each finished run written above it; a log file:
     # one timestamped line per finished run with the overall k/K, elapsed time and ETA

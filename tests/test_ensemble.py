@@ -201,6 +201,102 @@ def test_a_group_reuses_cached_members_and_resumes_interrupted_ones_alone(tmp_pa
     assert not ckpt.exists()
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_batched_group_resumes_from_its_epoch_checkpoint_bit_for_bit(tmp_path, monkeypatch):
+    """A group interrupted in its third epoch resumes from the checkpoint of its second and
+    ends with the weights and histories of an uninterrupted group; the checkpoint is removed
+    once the members are saved."""
+    from cfbench.execution.batched import group_checkpoint_dir
+    from cfbench.store.io import read_tensor_meta
+    from cfbench.training.checkpoint import CKPT_NAME
+
+    cfg = tiny_config("pgd-at", sets={"defense.steps": 2, "epochs": 3})
+    data = tiny_data(cfg)
+    whole = run_group(XR.reference_jobs(cfg, data, 2, tmp_path / "whole"))
+    jobs = XR.reference_jobs(cfg, data, 2, tmp_path / "killed")
+    real = E._batched_loss
+
+    def dies_in_epoch_3(defense, net, xb, yb, batch, gens, m):
+        if batch.epoch == 2:
+            raise _Killed
+        return real(defense, net, xb, yb, batch, gens, m)
+
+    monkeypatch.setattr(E, "_batched_loss", dies_in_epoch_3)
+    with pytest.raises(_Killed):
+        run_group(jobs)
+    ckpt = group_checkpoint_dir(jobs) / CKPT_NAME
+    assert ckpt.is_file() and read_tensor_meta(ckpt)["epoch"] == 1
+    assert not any(j.path.exists() for j in jobs)
+    calls = []
+
+    def counts(defense, net, xb, yb, batch, gens, m):
+        calls.append(batch.epoch)
+        return real(defense, net, xb, yb, batch, gens, m)
+
+    monkeypatch.setattr(E, "_batched_loss", counts)
+    resumed = run_group(jobs)
+    assert [how for _, how in resumed] == ["batched", "batched"]
+    assert set(calls) == {2}                                   # only the third epoch trained again
+    for (a, _), (b, _) in zip(whole, resumed):
+        wa, wb = _weights(a), _weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert read_tensor_meta(a)["final_loss"] == read_tensor_meta(b)["final_loss"]
+    assert not group_checkpoint_dir(jobs).exists()
+
+
+def test_doctor_keeps_a_group_checkpoint_that_may_resume_and_removes_it_once_its_members_are_done(
+        tmp_path, monkeypatch):
+    """Killed group: its checkpoint is kept (members missing); the members then trained another
+    way (one at a time): the checkpoint is stale, `cfbench doctor --fix` removes it."""
+    from cfbench.doctor import diagnose, repair
+    from cfbench.execution.batched import group_checkpoint_dir
+
+    cfg = tiny_config("erm", sets={"epochs": 2})
+    data = tiny_data(cfg)
+    runs = tmp_path / "runs"
+    jobs = XR.reference_jobs(cfg, data, 2, runs / "_cache")
+    real = E._batched_loss
+
+    def dies_in_epoch_2(defense, net, xb, yb, batch, gens, m):
+        if batch.epoch == 1:
+            raise _Killed
+        return real(defense, net, xb, yb, batch, gens, m)
+
+    monkeypatch.setattr(E, "_batched_loss", dies_in_epoch_2)
+    with pytest.raises(_Killed):
+        run_group(jobs)
+    ck = group_checkpoint_dir(jobs)
+    assert ck.is_dir() and diagnose(runs) == []
+    for j in jobs:
+        run_job(j)
+    [finding] = diagnose(runs)
+    assert finding.kind == "stale-checkpoint" and finding.path == ck and "batched group of 2" in finding.reason
+    repair([finding])
+    assert not ck.exists() and diagnose(runs) == []
+
+
+def test_a_damaged_group_checkpoint_is_discarded_and_the_group_trains_from_the_start(tmp_path):
+    from cfbench.execution.batched import group_checkpoint_dir
+    from cfbench.training.checkpoint import CKPT_NAME
+
+    cfg = tiny_config("erm", sets={"epochs": 2})
+    data = tiny_data(cfg)
+    whole = run_group(XR.reference_jobs(cfg, data, 2, tmp_path / "whole"))
+    jobs = XR.reference_jobs(cfg, data, 2, tmp_path / "damaged")
+    ckpt = group_checkpoint_dir(jobs) / CKPT_NAME
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a safetensors file")
+    res = run_group(jobs)
+    assert [how for _, how in res] == ["batched", "batched"]
+    for (a, _), (b, _) in zip(whole, res):
+        wa, wb = _weights(a), _weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not ckpt.parent.exists()
+
+
 def test_run_train_mode_flag_default_and_bad_value(capsys, monkeypatch):
     """`cfbench run --train-mode` reaches the executor; the default is serial (bit-identical
     whichever executor); a bad value exits 2 naming the valid choices before anything trains."""
@@ -216,3 +312,24 @@ def test_run_train_mode_flag_default_and_bad_value(capsys, monkeypatch):
     assert main(["run", "--defense", "erm", "--dataset", "digits", "--train-mode", "fast", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "unknown train mode 'fast'" in err and "auto, serial, batched" in err
+
+
+def test_doctor_leaves_the_checkpoint_of_an_interrupted_reference_model_alone(tmp_path):
+    """`<i>.ckpt/last.safetensors` is a training checkpoint, not a cached model without metadata
+    (doctor used to report it as corrupt-cache and --fix removed it)."""
+    from cfbench.doctor import diagnose
+    from cfbench.training.checkpoint import CKPT_NAME
+    from cfbench.training.recipe import fit_recipe
+
+    cfg = tiny_config("erm", sets={"epochs": 2})
+    data = tiny_data(cfg)
+    runs = tmp_path / "runs"
+    [job] = XR.reference_jobs(cfg, data, 1, runs / "_cache")
+    ckpt = job.path.with_suffix(".ckpt")
+    mask = torch.from_numpy(np.asarray(job.subset))
+    fit_recipe(tiny_config("erm", sets={"epochs": 1}), data, data.x_pool[mask], data.y_pool[mask],
+               seed=job.seed, checkpoint_dir=ckpt, cache_dir=None, progress=False)
+    assert (ckpt / CKPT_NAME).is_file()
+    assert diagnose(runs) == []
+    (ckpt / CKPT_NAME).write_bytes(b"garbage")
+    assert [f.kind for f in diagnose(runs)] == ["corrupt-checkpoint"]

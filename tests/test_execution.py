@@ -78,9 +78,11 @@ def test_deterministic_reaches_pool_workers(tmp_path):
         torch.backends.cudnn.deterministic = False
 
 
-def test_a_job_another_process_is_training_is_deferred_not_waited_for(tmp_path):
+@pytest.mark.parametrize("train_mode", ["serial", "batched"])
+def test_a_job_another_process_is_training_is_deferred_not_waited_for(tmp_path, train_mode):
     """Job 0's lock is held elsewhere (another run of the recipe training it): the in-process
-    executor trains job 1 first, then waits for job 0 and returns the paths in job order."""
+    executor trains job 1 first (batched: outside job 0's group), then waits for job 0 and
+    returns the paths in job order."""
     import fcntl
     import threading
 
@@ -94,7 +96,8 @@ def test_a_job_another_process_is_training_is_deferred_not_waited_for(tmp_path):
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX)                   # "another process" (a separate open file description)
     got: list = []
-    t = threading.Thread(target=lambda: got.append(LocalExecutor(workers=1).run(jobs)), daemon=True)
+    t = threading.Thread(target=lambda: got.append(LocalExecutor(workers=1, train_mode=train_mode).run(jobs)),
+                         daemon=True)
     t.start()
     try:
         deadline = time.time() + 120
@@ -107,6 +110,42 @@ def test_a_job_another_process_is_training_is_deferred_not_waited_for(tmp_path):
         os.close(fd)
     t.join(timeout=120)
     assert got and got[0] == [jobs[0].path, jobs[1].path] and jobs[0].path.exists()
+
+
+@pytest.mark.parametrize("train_mode", ["serial", "batched"])
+def test_the_pool_starts_a_job_another_process_is_training_last_and_never_batches_it(tmp_path, train_mode):
+    """Pool path: job 0's lock is held elsewhere, so it is submitted after the free jobs (a
+    worker would otherwise block on it while they wait) and alone, never inside a group."""
+    import fcntl
+    from concurrent.futures import Future
+
+    from cfbench.store.io import lock_path
+
+    cfg = tiny_config("erm")
+    data = tiny_data(cfg)
+    jobs = [XR.reference_job(cfg, data, i, tmp_path) for i in range(5)]
+    lock = lock_path(jobs[0].path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    submitted: list = []
+
+    class FakePool:
+        def submit(self, fn, arg):
+            submitted.append([Path(j.path) for j in (arg if isinstance(arg, list) else [arg])])
+            return Future()
+
+    try:
+        ex = LocalExecutor(workers=2, train_mode=train_mode)
+        ex._ensure_pool = lambda: FakePool()
+        ex.submit(jobs)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert submitted[-1] == [jobs[0].path], submitted
+    assert sorted(p for unit in submitted[:-1] for p in unit) == sorted(j.path for j in jobs[1:])
+    if train_mode == "batched":
+        assert all(len(unit) >= 2 for unit in submitted[:-1]), submitted
 
 
 def test_a_job_whose_data_changed_in_memory_runs_in_process(tmp_path):

@@ -735,3 +735,15 @@ def test_run_summary_shows_the_primary_attack_pooled(capsys):
     m = rec["metrics"]["mia.pooled.rmia_online.tpr_at_fpr.0.01"]
     line = next(ln for ln in out.splitlines() if ln.startswith("membership: TPR @ 1% FPR"))
     assert f"{100 * m['value']:.2f}%" in line and f"n={m['n']}" in line and "(rmia_online, pooled)" in line
+
+
+def test_one_sweep_file_typed_two_ways_is_one_entry_of_sweeps_json(tmp_path):
+    """record_sweep normalises the grid path itself (not only its callers)."""
+    from cfbench.present.leaderboard import read_sweeps, record_sweep
+
+    record_sweep(tmp_path, "./grids//a.toml", "cfbench sweep grids/a.toml --out x", ["r1"])
+    record_sweep(tmp_path, "grids/a.toml", "cfbench sweep grids/a.toml --out x", ["r2"])
+    record_sweep(tmp_path, "grids/b.toml", "cfbench sweep grids/b.toml --out x", ["r3"])
+    entries = read_sweeps(tmp_path)
+    assert [e["grid"] for e in entries] == ["grids/a.toml", "grids/b.toml"]
+    assert entries[0]["run_ids"] == ["r2"]

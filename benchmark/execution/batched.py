@@ -20,6 +20,7 @@ tolerance); the file's metadata says ``train_mode`` and ``batch_members``.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,7 +32,9 @@ import torch
 from ..errors import UsageError
 from ..hashing import canonical_hash
 from ..store.io import file_lock, lock_path
-from ..training.ensemble import TRAIN_MODES, Diverged, Member, batch_problem, train_stacked
+from ..training.checkpoint import CKPT_NAME
+from ..training.ensemble import (TRAIN_MODES, Diverged, Member, batch_problem, group_checkpoint_matches,
+                                 train_stacked)
 from .jobs import TrainingJob, _remove_dir, _train, model_file_problem, save_model
 
 
@@ -121,8 +124,26 @@ def _train_batched(jobs: Sequence[TrainingJob], progress: bool) -> None:
 
         log_line(f"{first.cfg.defense}: training {len(jobs)} models as one batched ensemble "
                  f"({', '.join(j.desc for j in jobs)})")
+    ckpt_dir = group_checkpoint_dir(jobs)
+    # the members' model files (content-addressed: their identity), relative to the folder the
+    # checkpoint is in, so that `cfbench doctor` finds them from anywhere
+    ids = [os.path.relpath(j.path, ckpt_dir.parent) for j in jobs]
+    ckpt = ckpt_dir / CKPT_NAME
+    if ckpt.exists() and not group_checkpoint_matches(ckpt, ids):
+        _remove_dir(ckpt_dir)                           # damaged, or not this group's: start over
     t0 = time.perf_counter()
-    trained = train_stacked(first.cfg, first.data, members)
+    try:
+        trained = train_stacked(first.cfg, first.data, members, checkpoint=ckpt, member_ids=ids)
+    except Diverged:
+        _remove_dir(ckpt_dir)
+        raise
     seconds = (time.perf_counter() - t0) / len(jobs)
     for j, (model, fctx) in zip(jobs, trained):
         save_model(j, Path(j.path), model, fctx, seconds, train_mode="batched", batch_members=len(jobs))
+    _remove_dir(ckpt_dir)
+
+
+def group_checkpoint_dir(jobs: Sequence[TrainingJob]) -> Path:
+    """Where a batched group keeps its per-epoch checkpoint: beside its first member's model,
+    named by the hash of its members' model paths (the same group after a restart finds it)."""
+    return Path(jobs[0].path).parent / f"group-{canonical_hash([str(j.path) for j in jobs])[:16]}.ckpt"

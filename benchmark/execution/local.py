@@ -23,7 +23,9 @@ data from the recipe (``load_data(cfg)``, cached per worker) and checks the data
 against the parent's; a job whose data were changed in memory (a test that flips labels)
 cannot be reproduced from its recipe and is run in this process instead.  Plugin files
 loaded with ``--plugin`` are loaded in every worker too.  Two processes that need the same
-model never both train it (the file lock in :func:`~cfbench.execution.jobs.run_job`).
+model never both train it (the file lock in :func:`~cfbench.execution.jobs.run_job`); a job
+whose lock another process holds is started last (pool) or deferred (in-process), so the free
+jobs train first.
 """
 
 from __future__ import annotations
@@ -115,19 +117,11 @@ def _rebuild(job: RemoteJob) -> TrainingJob:
 
 
 def _job_determinism(cfg) -> None:
-    """Give this worker the run's ``--deterministic`` setting (a worker process is shared by
-    jobs of possibly different runs -- Ray's are -- so the switch is set both ways, where
-    :func:`cfbench.config.apply_determinism` in the run's own process only switches it on)."""
-    import torch
-
+    """Give this worker the run's ``--deterministic`` setting, both ways (a worker process is
+    shared by jobs of possibly different runs -- Ray's are)."""
     from ..config import apply_determinism
 
-    enabled = bool(getattr(cfg, "deterministic", False))
-    if enabled:
-        apply_determinism(True)
-    elif torch.are_deterministic_algorithms_enabled():
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
+    apply_determinism(bool(getattr(cfg, "deterministic", False)), reset=True)
 
 
 def run_remote(job: RemoteJob) -> str:
@@ -211,7 +205,13 @@ class LocalExecutor:
             fresh.append(job)
         from .batched import plan
 
-        for unit, batched in plan(fresh, self.train_mode, self.workers):
+        # Jobs another process is training right now (lock held) go to the back of the queue and
+        # never into a batched group: a worker would otherwise sit blocked on the lock while
+        # free jobs wait behind it (a second seed of a recipe sharing the reference pool).
+        busy = [j for j in fresh if is_locked(lock_path(j.path))]
+        free = [j for j in fresh if not any(j is b for b in busy)]
+        units = plan(free, self.train_mode, self.workers) + [([j], False) for j in busy]
+        for unit, batched in units:
             if batched:
                 fut = self._ensure_pool().submit(run_remote_group, [RemoteJob.of(j, self._data_sha(j)) for j in unit])
             else:
@@ -230,7 +230,8 @@ class LocalExecutor:
         self.submit(jobs)
         from .batched import plan, run_group
 
-        local = [j for j in jobs if Path(j.path) not in self._futures and not Path(j.path).exists()]
+        local = [j for j in jobs if Path(j.path) not in self._futures and not Path(j.path).exists()
+                 and not is_locked(lock_path(j.path))]            # busy elsewhere: deferred below
         groups = {Path(j.path): unit for unit, batched in plan(local, self.train_mode, 1) if batched for j in unit}
         out: list[Path] = []
         deferred: list[tuple[int, TrainingJob]] = []

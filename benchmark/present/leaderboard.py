@@ -709,9 +709,13 @@ SWEEPS_FILE = "sweeps.json"
 
 def record_sweep(runs: str | Path, grid: str, command: str, run_ids: Sequence[str]) -> None:
     """Add (or replace) the entry of sweep file ``grid`` in ``runs``/:data:`SWEEPS_FILE`
-    (atomically, under a lock: two sweeps into one folder keep both entries)."""
+    (atomically, under a lock: two sweeps into one folder keep both entries).  ``grid`` is
+    normalised (``os.path.normpath``), so one sweep file typed two ways is one entry."""
+    import os
+
     from ..store.io import file_lock, lock_path, write_json
 
+    grid = os.path.normpath(str(grid))
     path = Path(runs) / SWEEPS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(lock_path(path)):

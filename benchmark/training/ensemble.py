@@ -39,9 +39,16 @@ within ``LOGIT_ATOL``; PGD-AT and TRADES weights within ``ADV_WEIGHT_ATOL``, log
 a subclass may change ``forward``), SGD (Adam would be exact too, but it turns a rounding
 difference in a near-zero gradient into a step of size lr: 2e-2 apart after 2 epochs of
 TRADES, so it trains one at a time), equal-size training subsets, one device.
-Anything else trains one at a time.  A batched group keeps no per-epoch checkpoint (a killed
-group trains again from the start); a member with a checkpoint of an interrupted
-one-at-a-time training resumes one at a time.
+Anything else trains one at a time.
+
+**Checkpoints.**  Given ``checkpoint`` (a file path), :func:`train_stacked` writes the
+stacked network, the optimizer, every member's generator state and histories at the end of
+every epoch (the one atomic safetensors writer of :mod:`cfbench.training.checkpoint`), and a
+killed group resumes from it: same members (their ids are stored and compared), same
+weights as an uninterrupted group, bit for bit (tested).  A checkpoint of a different group
+(other members: the pool was split differently after the restart) is not used; the caller
+removes it.  A member with a checkpoint of an interrupted one-at-a-time training resumes
+one at a time.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -249,10 +257,40 @@ def _batched_loss(defense, net: StackedNet, xb, yb, batch: Batch, gens: Sequence
     return per.view(m, b).mean(1), logits
 
 
-def train_stacked(cfg, data, members: Sequence[Member]) -> list[tuple[nn.Module, FitContext]]:
+class _Generators:
+    """The members' generators as a checkpoint's ``state`` (``state_tensors`` / ``load_state_tensors``)."""
+
+    def __init__(self, gens: Sequence[torch.Generator]):
+        self.gens = gens
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"gen.{j}": g.get_state() for j, g in enumerate(self.gens)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for j, g in enumerate(self.gens):
+            g.set_state(tensors[f"gen.{j}"])
+
+
+def group_checkpoint_matches(path, member_ids: Sequence[str]) -> bool:
+    """Whether the checkpoint file ``path`` exists and belongs to exactly these members."""
+    from .checkpoint import checkpoint_problem
+
+    path = Path(path)
+    if not path.is_file() or checkpoint_problem(path) is not None:
+        return False
+    from ..store.io import read_tensor_meta
+
+    return list(read_tensor_meta(path).get("extra", {}).get("members", [])) == list(member_ids)
+
+
+def train_stacked(cfg, data, members: Sequence[Member], *, checkpoint=None,
+                  member_ids: Sequence[str] | None = None) -> list[tuple[nn.Module, FitContext]]:
     """Train ``members`` (equal-size subsets) of recipe ``cfg`` at once; per member, the plain
     model (eval mode) and a :class:`FitContext` with its history, as ``fit_recipe`` returns them.
-    Raises :class:`Diverged` when a member's loss becomes non-finite."""
+    Raises :class:`Diverged` when a member's loss becomes non-finite.  ``checkpoint``: a file
+    written after every epoch and resumed from when it holds the same ``member_ids`` (default:
+    the members' seeds and descriptions)."""
+    from .checkpoint import load_checkpoint, save_checkpoint
     from ..registry import get
     from .recipe import build_model_for, threat_of
 
@@ -280,8 +318,17 @@ def train_stacked(cfg, data, members: Sequence[Member]) -> list[tuple[nn.Module,
     # the serial loop's torch.manual_seed(seed): one generator per member, on the device it draws on
     gens = [torch.Generator(device=device).manual_seed(int(mm.seed)) for mm in members]
     histories: list[list[dict]] = [[] for _ in members]
+    ids = list(member_ids) if member_ids is not None else [f"{mm.seed}:{mm.desc}" for mm in members]
+    start_epoch = 0
+    if checkpoint is not None and group_checkpoint_matches(checkpoint, ids):
+        rng = torch.get_rng_state()
+        meta = load_checkpoint(Path(checkpoint), net, optimizer, _Generators(gens))
+        torch.set_rng_state(rng)          # the global generator is not the group's state
+        start_epoch, histories = meta["epoch"] + 1, [list(h) for h in meta["history"]]
+        for ctx in ctxs:
+            ctx.notes["resumed_from_epoch"] = start_epoch
     net.train()
-    for epoch in range(tp.epochs):
+    for epoch in range(start_epoch, tp.epochs):
         t0 = time.perf_counter()
         epoch_gens = [_epoch_generator(mm.seed, epoch) for mm in members]
         orders = [torch.randperm(n, generator=g).split(tp.batch_size) for g in epoch_gens]
@@ -318,6 +365,9 @@ def train_stacked(cfg, data, members: Sequence[Member]) -> list[tuple[nn.Module,
             if int(tot_correct[j]):
                 row["train_accuracy"] = int(tot_correct[j]) / max(counts, 1)
             histories[j].append(row)
+        if checkpoint is not None:
+            save_checkpoint(Path(checkpoint), net, optimizer, epoch, histories, _Generators(gens),
+                            extra={"members": ids})
     net.eval()
     # leave torch's global generator where one-at-a-time training of the same members leaves it
     # (after the last member's draws), so code after the pool draws the same numbers either way
