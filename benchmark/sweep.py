@@ -296,6 +296,10 @@ def summary_table(rows: list[tuple[Point, dict]]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
 
 
+def _n_workers(n: int) -> str:
+    return f", {n} worker" + ("s" if n != 1 else "")
+
+
 def sweep_command(grid_path: str | Path, out: str | Path, leaderboards: str | Path | None = None) -> str:
     """The command that reproduces a sweep's runs (the executor and workers change no result).
     Paths are normalised (``os.path.normpath``: ``./a//b.toml`` is ``a/b.toml``), so one sweep
@@ -336,7 +340,7 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
         else:
             todo.append(p)
     log(f"cfbench sweep: {len(points)} runs in the grid, {len(rows)} already finished, {len(todo)} to run "
-        f"({executor}" + (f", {workers or default_workers()} workers" if executor == "local" else "") + ")")
+        f"({executor}" + (_n_workers(workers or default_workers()) if executor == "local" else "") + ")")
     if dry_run:
         for p in todo:
             log(f"  would run {p.cfg.run_id()}  [{p.label}]")
