@@ -35,9 +35,11 @@ proto-cf's).  For every explanation and every architecture in ``architectures`` 
 (e) ``flatten``, (f) ``unet``, (g) ``expmi``; :mod:`cfbench.models.inversion`) one network is
 trained, plus (d) ``prediction`` from ``y~`` alone.  Training: MSE, Adam(1e-4, beta1 = 0.5),
 batch 128, seeded 80/20 train / validation split of the auxiliary data, early stopping on the
-validation MSE with ``patience`` (default 20) epochs, at most ``max_epochs`` (default 300:
-GNIME's cap; its patience is 10, doubled here because 8x8 digits give only ~3 steps an epoch
-at batch 128), best weights restored.
+validation MSE with ``patience`` (default 50) epochs, at most ``max_epochs`` (default 500),
+best weights restored.  GNIME caps at 300 epochs with patience 10 on a ~28k-image auxiliary
+set; cfbench's auxiliary sets are far smaller (324 images on digits: ~3 steps an epoch at
+batch 128), so an epoch is a few steps and both are raised (the digits evidence needed a
+2,000-epoch cap, docs/inversion.md).
 
 Attention transfer (``attention_transfer``, for targets without explanations): a surrogate
 ``gap-cnn`` is trained on the auxiliary images labelled with the **target's** predicted
