@@ -166,7 +166,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
         time.sleep(0.05)
     assert ckpt is not None, "no checkpoint appeared"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()                               # reaps it and closes its pipes
     run_dir = ckpt.parent.parent
     assert not (run_dir / "record.json").exists()
     assert main(args + ["--out", str(tmp_path / "killed")]) == 0
