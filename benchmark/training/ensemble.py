@@ -321,9 +321,13 @@ def train_stacked(cfg, data, members: Sequence[Member], *, checkpoint=None,
     ids = list(member_ids) if member_ids is not None else [f"{mm.seed}:{mm.desc}" for mm in members]
     start_epoch = 0
     if checkpoint is not None and group_checkpoint_matches(checkpoint, ids):
+        # load_checkpoint restores torch's global generators, which are not the group's state
         rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         meta = load_checkpoint(Path(checkpoint), net, optimizer, _Generators(gens))
-        torch.set_rng_state(rng)          # the global generator is not the group's state
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:  # pragma: no cover - no GPU here
+            torch.cuda.set_rng_state_all(cuda_rng)
         start_epoch, histories = meta["epoch"] + 1, [list(h) for h in meta["history"]]
         for ctx in ctxs:
             ctx.notes["resumed_from_epoch"] = start_epoch
