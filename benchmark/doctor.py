@@ -253,11 +253,13 @@ def _group_checkpoint_findings(ck: Path, out: list) -> None:
     f = ck / CKPT_NAME
     if ck.is_symlink() or not f.is_file():
         return
-    problem = checkpoint_problem(f)
-    if problem:
+    from .training.checkpoint import checkpoint_meta
+
+    meta, problem = checkpoint_meta(f)
+    if meta is None:
         out.append(Finding("corrupt-checkpoint", f, problem, "remove (training restarts)"))
         return
-    members = [ck.parent / m for m in read_tensor_meta(f).get("extra", {}).get("members", [])]
+    members = [ck.parent / m for m in meta.get("extra", {}).get("members", [])]
     if not members or any(is_locked(lock_path(m)) for m in members):
         return
     if all(m.is_file() and model_file_problem(m) is None for m in members):

@@ -49,16 +49,22 @@ def save_checkpoint(path: Path, model, optimizer, epoch: int, history: list, sta
     save_tensors_atomic(path, tensors, meta)
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` is not a readable checkpoint (None if it is); reads only the header."""
+def checkpoint_meta(path: Path) -> tuple[dict | None, str | None]:
+    """``(meta, None)`` when ``path`` is a readable checkpoint, else ``(None, why not)``; reads
+    only the header."""
     from ..store.io import read_tensor_meta
 
     try:
         meta = read_tensor_meta(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file
-        return f"unreadable ({type(e).__name__}: {e})"
+        return None, f"unreadable ({type(e).__name__}: {e})"
     missing = [k for k in ("epoch", "history", "param_groups", "opt_scalars") if k not in meta]
-    return f"missing metadata ({', '.join(missing)})" if missing else None
+    return (None, f"missing metadata ({', '.join(missing)})") if missing else (meta, None)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable checkpoint (None if it is); reads only the header."""
+    return checkpoint_meta(path)[1]
 
 
 def load_checkpoint(path: Path, model, optimizer, state=None) -> dict:

@@ -273,14 +273,13 @@ class _Generators:
 
 def group_checkpoint_matches(path, member_ids: Sequence[str]) -> bool:
     """Whether the checkpoint file ``path`` exists and belongs to exactly these members."""
-    from .checkpoint import checkpoint_problem
+    from .checkpoint import checkpoint_meta
 
     path = Path(path)
-    if not path.is_file() or checkpoint_problem(path) is not None:
+    if not path.is_file():
         return False
-    from ..store.io import read_tensor_meta
-
-    return list(read_tensor_meta(path).get("extra", {}).get("members", [])) == list(member_ids)
+    meta, _ = checkpoint_meta(path)
+    return meta is not None and list(meta.get("extra", {}).get("members", [])) == list(member_ids)
 
 
 def train_stacked(cfg, data, members: Sequence[Member], *, checkpoint=None,
