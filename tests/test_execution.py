@@ -424,3 +424,27 @@ def test_every_committed_sweep_file_expands_to_valid_configs(path):
         grid["device"] = "cpu"  # a GPU file (its device is checked when it runs)
     points = expand(grid, str(path))
     assert points and len({p.cfg.config_hash() for p in points}) == len(points), "duplicate grid points"
+
+
+def test_init_ray_refuses_an_already_connected_ray_of_another_cluster(monkeypatch):
+    """A process already connected to one Ray cluster must not silently run a sweep whose
+    --address names another; the running connection is reused when it is the one asked for."""
+    import socket
+    import types
+
+    from cfbench.execution.ray_executor import init_ray
+
+    with socket.socket() as srv:            # check_address needs something listening
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        wanted = f"127.0.0.1:{srv.getsockname()[1]}"
+        calls = []
+        fake = types.SimpleNamespace(
+            is_initialized=lambda: True, init=lambda **kw: calls.append(kw),
+            get_runtime_context=lambda: types.SimpleNamespace(gcs_address="10.0.0.7:6379"))
+        monkeypatch.setitem(sys.modules, "ray", fake)
+        with pytest.raises(UsageError, match=r"connected to '10\.0\.0\.7:6379', not to --address '127\.0\.0\.1"):
+            init_ray(wanted, None)
+        fake.get_runtime_context = lambda: types.SimpleNamespace(gcs_address=wanted)
+        assert init_ray(wanted, None) is fake and calls == []      # the same cluster: reused, no re-init
+        assert init_ray(None, 2) is fake and calls == []

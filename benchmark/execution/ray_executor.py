@@ -59,7 +59,18 @@ def init_ray(address: str | None, workers: int | None):
         raise UsageError("--executor ray needs Ray: pip install 'cfbench[ray]' (or `pip install ray`).") from e
     if address is not None:
         check_address(address)
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        # a caller in this process (a notebook, a benchmark) already connected Ray: reuse that
+        # connection, unless it points at another cluster than the one asked for -- silently
+        # running on the wrong cluster would be worse than an error
+        # (a ray:// client address names the client server, not the GCS: not comparable)
+        if address is not None and address != "auto" and not address.startswith("ray://"):
+            current = str(ray.get_runtime_context().gcs_address)
+            if current != address:
+                raise UsageError(f"Ray is already initialised in this process and connected to {current!r}, "
+                                 f"not to --address {address!r}. Call ray.shutdown() first, or leave out "
+                                 "--address to use the running connection.")
+    else:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         if address is None:
             kwargs["num_cpus"] = workers
