@@ -175,3 +175,38 @@ def test_roofline(benchmark):
         benchmark.pedantic(_pgd_step, args=(single, x, y), rounds=3, iterations=1)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.benchmark(group="pool")
+def test_compiled_step(benchmark):
+    """``torch.compile`` (inductor, which fuses the element-wise ops -- ReLU, max-pool -- that
+    are 30 % of the step's profile, README "Performance") against eager mode: one cnn8 PGD-AT
+    step, one thread, the same weights, alternating rounds; the ratio compiled / eager and the
+    one-time compile cost go into ``extra_info``.  A ratio above 1 means compiling loses."""
+    from cfbench.training.recipe import build_model_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_config("pgd-at", sets={"data.pool_size": None, "model.width": 32, "data.test_size": 100})
+        data = tiny_data(cfg)
+        x, y = data.x_pool[:128].clone(), data.y_pool[:128].clone()
+        eager = build_model_for(cfg, data, 0)
+        twin = build_model_for(cfg, data, 0)
+        twin.load_state_dict(eager.state_dict())
+        compiled = torch.compile(twin)
+        t0 = time.perf_counter()
+        _pgd_step(compiled, x, y)                     # compiles forward and backward graphs
+        compile_s = time.perf_counter() - t0
+        te, tc = [], []
+        for _ in range(5):
+            te.append(_seconds(lambda: _pgd_step(eager, x, y), repeat=3))
+            tc.append(_seconds(lambda: _pgd_step(compiled, x, y), repeat=3))
+        out = {"eager_step_seconds": statistics.median(te), "compiled_step_seconds": statistics.median(tc),
+               "compiled_over_eager": statistics.median(tc) / statistics.median(te),
+               "first_compiled_step_seconds": compile_s}
+        benchmark.extra_info.update(out)
+        print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+        benchmark.pedantic(_pgd_step, args=(compiled, x, y), rounds=3, iterations=1)
+    finally:
+        torch.set_num_threads(before)
