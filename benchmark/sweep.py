@@ -35,7 +35,10 @@ independent processes -- a local process pool (``--workers``, default the machin
 or Ray tasks (``--executor ray``, ``--address`` for an existing cluster, retried by Ray on
 worker loss) -- each run with its declared jobs in-process (so N runs use N cores) and the
 reference-model cache shared through its file locks (two runs of one recipe never train
-the same reference model twice).  A worker killed mid-run (local pool) breaks the pool; the
+the same reference model twice).  On the local executor a worker with no run left to start
+(a sweep's tail, or fewer runs than workers) helps a running run: it trains that run's
+declared reference models, last first, while the run trains its target and evaluates
+(:func:`prefetch_jobs`; the run finds them cached, and every result is the same).  A worker killed mid-run (local pool) breaks the pool; the
 sweep starts a new pool and re-submits the unfinished runs, which resume from their
 checkpoints.  Progress: one line per finished run and an overall bar with an ETA; at the end
 a summary table and the sweep's leaderboards (``--leaderboards``, default ``<out>/leaderboards``).
@@ -63,6 +66,8 @@ from .store import RECORD, read_record
 AXES = ("defense", "dataset", "model", "seed", "evaluators")
 OPTIONS = ("device", "data_dir")
 MAX_RESTARTS = 3
+#: seconds a helper waits for its run to start (take its lock) before giving up
+HELPER_START_TIMEOUT = 120.0
 
 
 @dataclass
@@ -221,19 +226,100 @@ def _pool(workers: int, plugin_files: tuple[str, ...]) -> ProcessPoolExecutor:
                                initializer=_init, initargs=(plugin_files,))
 
 
+def prefetch_jobs(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) -> int:
+    """Idle-core helper of a local sweep: train the jobs that ``cfg``'s evaluators declare up
+    front (the membership reference models) and that nobody has trained or is training, last
+    first, into the shared cache; returns how many it trained.
+
+    The run itself trains its jobs first to last and defers one whose lock another process
+    holds, so the run and its helpers split the pool without ever training a model twice (the
+    file lock of :func:`~cfbench.execution.jobs.run_job`), and a job is a pure function of
+    (recipe, subset, seed): the models, and so every metric, are the ones the run would have
+    trained itself (the run's record lists them as ``cached``).  Never raises: a failure here
+    only means the run trains that model itself."""
+    from .execution.jobs import run_job
+    from .execution.local import _job_determinism
+    from .registry import get, plugin_files as loaded
+    from .store import CACHE_DIR
+    from .store.io import is_locked, lock_path
+    from .store.lifecycle import run_lock_path
+    from .training.recipe import load_data
+
+    if set(plugin_files) - set(loaded()):
+        _init(plugin_files)
+    run_lock = run_lock_path(out, cfg.run_id())
+    # help only a run that is running: wait (briefly) for it to take its lock, and stop once it
+    # has released it (finished or failed) -- a helper never trains for a run that is over
+    deadline = time.monotonic() + HELPER_START_TIMEOUT
+    while not is_locked(run_lock):
+        if finished(cfg, Path(out)) is not None or time.monotonic() > deadline:
+            return 0
+        time.sleep(0.2)
+    trained = 0
+    try:
+        _job_determinism(cfg)
+        data = load_data(cfg)
+        cache = Path(out) / CACHE_DIR
+        jobs = [job for name in cfg.evaluators
+                for job in get("evaluator", name)(cfg.evaluator_params[name]).declare_jobs(cfg, data, cache)]
+        for job in reversed(jobs):
+            path = Path(job.path)
+            if not is_locked(run_lock):
+                break
+            if path.exists() or is_locked(lock_path(path)):
+                continue
+            run_job(job, progress=False)
+            trained += 1
+    except Exception as e:  # noqa: BLE001 - the run trains what its helper could not
+        print(f"cfbench sweep: a helper for {cfg.run_id()} stopped ({type(e).__name__}: {e}); "
+              "the run trains its remaining models itself", file=sys.stderr)
+    return trained
+
+
 def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[str, ...],
-              on_done: Callable[[Point, dict], None]) -> None:
+              on_done: Callable[[Point, dict], None], *, helpers: bool = True) -> None:
+    """Run ``points`` on a pool of ``workers`` processes, at most ``workers`` at a time, in grid
+    order.  When fewer runs than workers are left (a sweep's tail, or a sweep of one run), each
+    free worker becomes a helper of a running run (:func:`prefetch_jobs`, ``helpers=True``): it
+    trains that run's reference models while the run trains its target and runs its other
+    evaluators, so no core idles while a run still has independent work."""
     pending = {p.index: p for p in points}
     restarts = 0
     while pending:
         pool = _pool(workers, plugin_files)
-        futs = {pool.submit(run_point, p.cfg, str(out), plugin_files): p for p in pending.values()}
+        queue = list(pending.values())
+        runs: dict[Any, Point] = {}
+        helping: dict[Any, Point] = {}
+        helped: set[int] = set()     # runs whose helper came back: nothing free was left to train
+
+        def fill() -> None:
+            while queue and len(runs) + len(helping) < workers:
+                p = queue.pop(0)
+                runs[pool.submit(run_point, p.cfg, str(out), plugin_files)] = p
+            if not helpers:
+                return
+            while len(runs) + len(helping) < workers:
+                # the running run with the fewest helpers, oldest first
+                cands = [p for p in runs.values() if p.index not in helped]
+                if not cands:
+                    return
+                p = min(cands, key=lambda q: sum(h.index == q.index for h in helping.values()))
+                helping[pool.submit(prefetch_jobs, p.cfg, str(out), plugin_files)] = p
+
         broken = False
         try:
-            while futs:
-                done, _ = wait(futs, return_when=FIRST_COMPLETED)
+            fill()
+            while runs:
+                done, _ = wait(list(runs) + list(helping), return_when=FIRST_COMPLETED)
                 for f in done:
-                    p = futs.pop(f)
+                    if f in helping:
+                        helped.add(helping.pop(f).index)
+                        try:
+                            f.result()
+                        except BrokenProcessPool:
+                            broken = True
+                        continue
+                    p = runs.pop(f)
                     try:
                         res = f.result()
                     except BrokenProcessPool:
@@ -243,6 +329,7 @@ def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[
                     on_done(p, res)
                 if broken:
                     break
+                fill()
         finally:
             pool.shutdown(wait=not broken, cancel_futures=True)
         if broken:

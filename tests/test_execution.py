@@ -448,3 +448,100 @@ def test_init_ray_refuses_an_already_connected_ray_of_another_cluster(monkeypatc
         fake.get_runtime_context = lambda: types.SimpleNamespace(gcs_address=wanted)
         assert init_ray(wanted, None) is fake and calls == []      # the same cluster: reused, no re-init
         assert init_ray(None, 2) is fake and calls == []
+
+
+# -- idle-core helpers of a local sweep --------------------------------------------------
+
+def test_a_sweep_helper_trains_a_running_runs_free_reference_models_and_the_run_reuses_them(tmp_path):
+    """prefetch_jobs trains the reference models of a run that holds its lock, skipping one that
+    another process is training; the run then finds them cached, and its metrics and models
+    equal those of a run that trained everything itself."""
+    from cfbench.execution.reference import reference_jobs
+    from cfbench.store.io import file_lock, lock_path
+    from cfbench.store.lifecycle import run_lock_path
+    from cfbench.sweep import prefetch_jobs
+    from cfbench.training.recipe import load_data
+
+    cfg = tiny_config("erm", sets={**TINY_SETS, "mia.reference_models": 4}, evaluators=("clean", "mia"))
+    out = tmp_path / "helped"
+    jobs = reference_jobs(cfg, load_data(cfg), 4, out / "_cache")
+    busy = Path(jobs[-1].path)                         # "another process" is training the last one
+    with file_lock(run_lock_path(out, cfg.run_id())), file_lock(lock_path(busy)):
+        assert prefetch_jobs(cfg, str(out)) == 3
+    assert all(Path(j.path).exists() for j in jobs[:-1]) and not busy.exists()
+    helped = execute(cfg, out, progress=False)
+    plain = execute(cfg, tmp_path / "plain", progress=False)
+    assert helped.record["metrics"] == plain.record["metrics"]
+    modes = sorted(j["executor"] for j in helped.record["jobs"])
+    assert modes == ["local:cached"] * 3 + ["local:in-process"], modes
+    for j in jobs:
+        twin = tmp_path / "plain" / Path(j.path).relative_to(out)
+        assert _same(_weights(Path(j.path)), _weights(twin))
+
+
+def test_a_sweep_helper_does_nothing_for_a_run_that_is_not_running(tmp_path, monkeypatch):
+    import cfbench.sweep as S
+
+    monkeypatch.setattr(S, "HELPER_START_TIMEOUT", 0.5)
+    cfg = tiny_config("erm", sets=TINY_SETS, evaluators=("clean", "mia"))
+    assert S.prefetch_jobs(cfg, str(tmp_path)) == 0
+    assert not (tmp_path / "_cache").exists()
+
+
+def test_run_local_sends_free_workers_to_help_running_runs_only_in_the_tail(tmp_path, monkeypatch):
+    """Scheduling with fake runs on threads: never more than `workers` tasks at once, runs in
+    grid order, and a helper only once no run waits to start, for a run still running, once."""
+    import threading
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cfbench.sweep as S
+
+    lock, events, active, peak = threading.Lock(), [], [0], [0]
+    durations = {"r0": 1.5, "r1": 0.2, "r2": 0.2}
+    running = set()
+
+    def enter(kind, name):
+        with lock:
+            events.append((kind, name))
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+
+    def leave():
+        with lock:
+            active[0] -= 1
+
+    def fake_run(cfg, out, plugins):
+        enter("run", cfg.name)
+        running.add(cfg.name)
+        time.sleep(durations[cfg.name])
+        running.discard(cfg.name)
+        leave()
+        return {"run_id": cfg.name, "status": "ok", "seconds": 0.0, "metrics": {}}
+
+    def fake_help(cfg, out, plugins):
+        enter("help", cfg.name)
+        assert cfg.name in running, "a helper for a run that is not running"
+        time.sleep(0.05)
+        leave()
+        return 0
+
+    monkeypatch.setattr(S, "run_point", fake_run)
+    monkeypatch.setattr(S, "prefetch_jobs", fake_help)
+    monkeypatch.setattr(S, "_pool", lambda workers, plugins: ThreadPoolExecutor(max_workers=workers))
+    points = [S.Point(i, n, types.SimpleNamespace(name=n, run_id=lambda n=n: n), {}) for i, n in enumerate(durations)]
+    done = []
+    S.run_local(points, tmp_path, 2, (), lambda p, res: done.append(res["run_id"]))
+    assert sorted(done) == ["r0", "r1", "r2"]
+    assert peak[0] <= 2
+    assert [e for e in events if e[0] == "run"] == [("run", "r0"), ("run", "r1"), ("run", "r2")]
+    helps = [i for i, e in enumerate(events) if e[0] == "help"]
+    assert [events[i] for i in helps] == [("help", "r0")]            # once, for the run still running
+    assert helps[0] > events.index(("run", "r2"))                      # only after the last run started
+
+    events.clear()
+    S.run_local(points[:1], tmp_path, 3, (), lambda p, res: None)     # one run, 3 workers: 2 helpers
+    assert events.count(("help", "r0")) == 2
+    events.clear()
+    S.run_local(points[:1], tmp_path, 3, (), lambda p, res: None, helpers=False)
+    assert events == [("run", "r0")]
