@@ -179,10 +179,11 @@ def test_roofline(benchmark):
 
 @pytest.mark.benchmark(group="pool")
 def test_compiled_step(benchmark):
-    """``torch.compile`` (inductor, which fuses the element-wise ops -- ReLU, max-pool -- that
-    are 30 % of the step's profile, README "Performance") against eager mode: one cnn8 PGD-AT
-    step, one thread, the same weights, alternating rounds; the ratio compiled / eager and the
-    one-time compile cost go into ``extra_info``.  A ratio above 1 means compiling loses."""
+    """Two kernel choices against the eager oneDNN step: ``torch.compile`` (inductor, which
+    fuses the element-wise ops -- ReLU, max-pool -- that are 30 % of the step's profile, README
+    "Performance") and PyTorch's native convolution (``torch.backends.mkldnn.enabled = False``).
+    One cnn8 PGD-AT step, one thread, the same weights, alternating rounds; the ratios to eager
+    and the one-time compile cost go into ``extra_info``.  A ratio above 1 means the choice loses."""
     from cfbench.training.recipe import build_model_for
 
     before = torch.get_num_threads()
@@ -198,12 +199,20 @@ def test_compiled_step(benchmark):
         t0 = time.perf_counter()
         _pgd_step(compiled, x, y)                     # compiles forward and backward graphs
         compile_s = time.perf_counter() - t0
-        te, tc = [], []
+        te, tc, tn = [], [], []
         for _ in range(5):
             te.append(_seconds(lambda: _pgd_step(eager, x, y), repeat=3))
             tc.append(_seconds(lambda: _pgd_step(compiled, x, y), repeat=3))
-        out = {"eager_step_seconds": statistics.median(te), "compiled_step_seconds": statistics.median(tc),
-               "compiled_over_eager": statistics.median(tc) / statistics.median(te),
+            # PyTorch's own im2col + sgemm convolution instead of oneDNN's (mkldnn off)
+            torch.backends.mkldnn.enabled = False
+            try:
+                tn.append(_seconds(lambda: _pgd_step(eager, x, y), repeat=3))
+            finally:
+                torch.backends.mkldnn.enabled = True
+        e = statistics.median(te)
+        out = {"eager_step_seconds": e, "compiled_step_seconds": statistics.median(tc),
+               "compiled_over_eager": statistics.median(tc) / e,
+               "native_conv_over_eager": statistics.median(tn) / e,
                "first_compiled_step_seconds": compile_s}
         benchmark.extra_info.update(out)
         print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
