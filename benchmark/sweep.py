@@ -38,9 +38,9 @@ reference-model cache shared through its file locks (two runs of one recipe neve
 the same reference model twice).  On the local executor a worker with no run left to start
 (a sweep's tail, or fewer runs than workers) helps a running run: it trains that run's
 declared reference models, last first, while the run trains its target and evaluates
-(:func:`prefetch_jobs`; the run finds them cached, and every result is the same).  A worker killed mid-run (local pool) breaks the pool; the
-sweep starts a new pool and re-submits the unfinished runs, which resume from their
-checkpoints.  Progress: one line per finished run and an overall bar with an ETA; at the end
+(:func:`prefetch_jobs`; the run finds them cached, and every result is the same).  A worker
+killed mid-run (local pool) breaks the pool; the sweep starts a new pool and re-submits the
+unfinished runs, which resume from their checkpoints.  Progress: one line per finished run and an overall bar with an ETA; at the end
 a summary table and the sweep's leaderboards (``--leaderboards``, default ``<out>/leaderboards``).
 """
 
@@ -192,11 +192,13 @@ def _init(plugin_files: tuple[str, ...]) -> None:
 def run_point(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) -> dict[str, Any]:
     """Execute one run (its jobs in-process) and return a summary; never raises for a failed
     run (its record says why), so one failure does not stop the sweep."""
+    from .execution.local import _job_determinism
     from .registry import plugin_files as loaded
     from .runner import execute
 
     if set(plugin_files) - set(loaded()):
         _init(plugin_files)
+    _job_determinism(cfg)   # this worker may have run a run (or a helper) of another setting
     t0 = time.perf_counter()
     try:
         outcome = execute(cfg, out, progress=False, log=lambda *a: None)

@@ -545,3 +545,19 @@ def test_run_local_sends_free_workers_to_help_running_runs_only_in_the_tail(tmp_
     events.clear()
     S.run_local(points[:1], tmp_path, 3, (), lambda p, res: None, helpers=False)
     assert events == [("run", "r0")]
+
+
+def test_a_sweep_worker_gives_each_run_its_own_determinism_setting(tmp_path):
+    """A pool worker is shared by runs (and helpers) of possibly different --deterministic
+    settings: a run without it must not inherit the switch an earlier job left on."""
+    from cfbench.sweep import run_point
+
+    cfg = tiny_config("erm", sets={"epochs": 1, "data.pool_size": 96, "data.test_size": 32}, evaluators=("clean",))
+    assert not cfg.deterministic
+    torch.use_deterministic_algorithms(True)
+    try:
+        res = run_point(cfg, str(tmp_path))
+        assert res["status"] == "ok", res
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
