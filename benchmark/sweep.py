@@ -35,7 +35,7 @@ independent processes -- a local process pool (``--workers``, default the machin
 or Ray tasks (``--executor ray``, ``--address`` for an existing cluster, retried by Ray on
 worker loss) -- each run with its declared jobs in-process (so N runs use N cores) and the
 reference-model cache shared through its file locks (two runs of one recipe never train
-the same reference model twice).  On the local executor a worker with no run left to start
+the same reference model twice).  A worker (or, on Ray, a CPU) with no run left to start
 (a sweep's tail, or fewer runs than workers) helps a running run: it trains that run's
 declared reference models, last first, while the run trains its target and evaluates
 (:func:`prefetch_jobs`; the run finds them cached, and every result is the same).  A worker
@@ -254,7 +254,7 @@ def prefetch_jobs(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) 
     # has released it (finished or failed) -- a helper never trains for a run that is over
     deadline = time.monotonic() + HELPER_START_TIMEOUT
     while not is_locked(run_lock):
-        if finished(cfg, Path(out)) is not None or time.monotonic() > deadline:
+        if (run_lock.parent / RECORD).exists() or time.monotonic() > deadline:   # over (ok or failed)
             return 0
         time.sleep(0.2)
     trained = 0
@@ -346,19 +346,49 @@ def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[
 
 
 def run_ray(points: list[Point], out: Path, address: str | None, workers: int | None,
-            plugin_files: tuple[str, ...], on_done: Callable[[Point, dict], None]) -> None:
+            plugin_files: tuple[str, ...], on_done: Callable[[Point, dict], None], *,
+            helpers: bool = True) -> None:
+    """Every point as a Ray task (1 CPU, and 1 GPU for ``device = "cuda"``), retried on worker
+    loss.  When fewer runs are unfinished than the cluster has CPUs (the sweep's tail), the free
+    CPUs get helper tasks for the running CPU runs (:func:`prefetch_jobs`, as on the local
+    executor; a run on a GPU gets none: its helper would wait for a GPU).  Helpers still going
+    when the last run is done are cancelled (an interrupted model resumes from its checkpoint)."""
     from .execution.ray_executor import MAX_RETRIES, init_ray
 
     ray = init_ray(address, workers)
     task = ray.remote(run_point)
+    helper = ray.remote(prefetch_jobs)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+
+    def gpus(p: Point) -> int:
+        return 1 if str(p.cfg.device).startswith("cuda") else 0
+
     refs = {}
     for p in points:
-        gpus = 1 if str(p.cfg.device).startswith("cuda") else 0
-        refs[task.options(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES).remote(
+        refs[task.options(num_cpus=1, num_gpus=gpus(p), max_retries=MAX_RETRIES).remote(
             p.cfg, str(out), plugin_files)] = p
+    helping: dict[Any, Point] = {}
+    helped: set[int] = set()
+
+    def fill() -> None:
+        while helpers and len(refs) + len(helping) < cpus:
+            cands = [p for p in refs.values() if p.index not in helped and not gpus(p)]
+            if not cands:
+                return
+            p = min(cands, key=lambda q: sum(h.index == q.index for h in helping.values()))
+            helping[helper.options(num_cpus=1, max_retries=0).remote(p.cfg, str(out), plugin_files)] = p
+
+    fill()
     while refs:
-        done, _ = ray.wait(list(refs), num_returns=1)
+        done, _ = ray.wait(list(refs) + list(helping), num_returns=1)
         for r in done:
+            if r in helping:
+                helped.add(helping.pop(r).index)
+                try:
+                    ray.get(r)
+                except Exception:  # noqa: BLE001 - a lost helper: its run trains the models itself
+                    pass
+                continue
             p = refs.pop(r)
             try:
                 res = ray.get(r)
@@ -366,6 +396,9 @@ def run_ray(points: list[Point], out: Path, address: str | None, workers: int | 
                 res = {"run_id": p.cfg.run_id(), "status": "failed", "seconds": 0.0, "metrics": {},
                        "reason": f"{type(e).__name__}: {e}"}
             on_done(p, res)
+        fill()
+    for r in helping:
+        ray.cancel(r)
 
 
 def _pct(v: Any) -> str:

@@ -488,63 +488,133 @@ def test_a_sweep_helper_does_nothing_for_a_run_that_is_not_running(tmp_path, mon
     assert not (tmp_path / "_cache").exists()
 
 
+class _FakeTasks:
+    """Fake runs and helpers on threads, recording what started when and the peak concurrency."""
+
+    def __init__(self, durations):
+        import threading
+
+        self.durations, self.events, self.running, self.bad = durations, [], set(), []
+        self.lock, self.active, self.peak = threading.Lock(), 0, 0
+
+    def _enter(self, kind, name):
+        with self.lock:
+            self.events.append((kind, name))
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+
+    def run(self, cfg, out, plugins):
+        self._enter("run", cfg.name)
+        self.running.add(cfg.name)
+        time.sleep(self.durations[cfg.name])
+        self.running.discard(cfg.name)
+        with self.lock:
+            self.active -= 1
+        return {"run_id": cfg.name, "status": "ok", "seconds": 0.0, "metrics": {}}
+
+    def help(self, cfg, out, plugins):
+        self._enter("help", cfg.name)
+        if cfg.name not in self.running:       # recorded: Ray's path swallows a helper's exception
+            self.bad.append(f"a helper for {cfg.name}, which is not running")
+        time.sleep(0.05)
+        with self.lock:
+            self.active -= 1
+        return 0
+
+    def points(self):
+        import types
+
+        from cfbench.sweep import Point
+
+        return [Point(i, n, types.SimpleNamespace(name=n, device="cpu", run_id=lambda n=n: n), {})
+                for i, n in enumerate(self.durations)]
+
+
+class _FakeRay:
+    """The part of Ray's API the sweep uses, on a thread pool of ``cpus`` threads."""
+
+    def __init__(self, cpus):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cpus, self.pool, self.cancelled = cpus, ThreadPoolExecutor(max_workers=cpus), []
+
+    def remote(self, fn):
+        ray = self
+
+        class _Task:
+            def options(self, **kw):
+                return self
+
+            def remote(self, *args):
+                return ray.pool.submit(fn, *args)
+        return _Task()
+
+    def wait(self, refs, num_returns=1):
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(refs, return_when=FIRST_COMPLETED)
+        first = next(r for r in refs if r in done)
+        return [first], [r for r in refs if r is not first]
+
+    def get(self, ref):
+        return ref.result()
+
+    def cancel(self, ref):
+        self.cancelled.append(ref)
+
+    def cluster_resources(self):
+        return {"CPU": float(self.cpus)}
+
+
+def _check_tail_helpers(fake, done):
+    assert sorted(done) == ["r0", "r1", "r2"]
+    assert fake.bad == [] and fake.peak <= 2
+    assert [e for e in fake.events if e[0] == "run"] == [("run", "r0"), ("run", "r1"), ("run", "r2")]
+    helps = [i for i, e in enumerate(fake.events) if e[0] == "help"]
+    assert [fake.events[i] for i in helps] == [("help", "r0")]            # once, for the run still running
+    assert helps[0] > fake.events.index(("run", "r2"))                      # only after the last run started
+
+
 def test_run_local_sends_free_workers_to_help_running_runs_only_in_the_tail(tmp_path, monkeypatch):
     """Scheduling with fake runs on threads: never more than `workers` tasks at once, runs in
     grid order, and a helper only once no run waits to start, for a run still running, once."""
-    import threading
-    import types
     from concurrent.futures import ThreadPoolExecutor
 
     import cfbench.sweep as S
 
-    lock, events, active, peak = threading.Lock(), [], [0], [0]
-    durations = {"r0": 1.5, "r1": 0.2, "r2": 0.2}
-    running = set()
-
-    def enter(kind, name):
-        with lock:
-            events.append((kind, name))
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-
-    def leave():
-        with lock:
-            active[0] -= 1
-
-    def fake_run(cfg, out, plugins):
-        enter("run", cfg.name)
-        running.add(cfg.name)
-        time.sleep(durations[cfg.name])
-        running.discard(cfg.name)
-        leave()
-        return {"run_id": cfg.name, "status": "ok", "seconds": 0.0, "metrics": {}}
-
-    def fake_help(cfg, out, plugins):
-        enter("help", cfg.name)
-        assert cfg.name in running, "a helper for a run that is not running"
-        time.sleep(0.05)
-        leave()
-        return 0
-
-    monkeypatch.setattr(S, "run_point", fake_run)
-    monkeypatch.setattr(S, "prefetch_jobs", fake_help)
+    fake = _FakeTasks({"r0": 1.5, "r1": 0.2, "r2": 0.2})
+    monkeypatch.setattr(S, "run_point", fake.run)
+    monkeypatch.setattr(S, "prefetch_jobs", fake.help)
     monkeypatch.setattr(S, "_pool", lambda workers, plugins: ThreadPoolExecutor(max_workers=workers))
-    points = [S.Point(i, n, types.SimpleNamespace(name=n, run_id=lambda n=n: n), {}) for i, n in enumerate(durations)]
-    done = []
+    points, done = fake.points(), []
     S.run_local(points, tmp_path, 2, (), lambda p, res: done.append(res["run_id"]))
-    assert sorted(done) == ["r0", "r1", "r2"]
-    assert peak[0] <= 2
-    assert [e for e in events if e[0] == "run"] == [("run", "r0"), ("run", "r1"), ("run", "r2")]
-    helps = [i for i, e in enumerate(events) if e[0] == "help"]
-    assert [events[i] for i in helps] == [("help", "r0")]            # once, for the run still running
-    assert helps[0] > events.index(("run", "r2"))                      # only after the last run started
+    _check_tail_helpers(fake, done)
 
-    events.clear()
+    fake.events.clear()
     S.run_local(points[:1], tmp_path, 3, (), lambda p, res: None)     # one run, 3 workers: 2 helpers
-    assert events.count(("help", "r0")) == 2
-    events.clear()
+    assert fake.events.count(("help", "r0")) == 2
+    fake.events.clear()
     S.run_local(points[:1], tmp_path, 3, (), lambda p, res: None, helpers=False)
-    assert events == [("run", "r0")]
+    assert fake.events == [("run", "r0")]
+
+
+def test_run_ray_sends_free_cpus_to_help_running_runs_only_in_the_tail(tmp_path, monkeypatch):
+    """The same on the Ray path (a fake Ray of 2 CPUs: all runs are submitted at once, Ray runs
+    two); helpers still going at the end are cancelled."""
+    import cfbench.execution.ray_executor as RX
+    import cfbench.sweep as S
+
+    fake = _FakeTasks({"r0": 1.5, "r1": 0.2, "r2": 0.2})
+    ray = _FakeRay(2)
+    monkeypatch.setattr(S, "run_point", fake.run)
+    monkeypatch.setattr(S, "prefetch_jobs", fake.help)
+    monkeypatch.setattr(RX, "init_ray", lambda address, workers: ray)
+    done = []
+    S.run_ray(fake.points(), tmp_path, None, 2, (), lambda p, res: done.append(res["run_id"]))
+    _check_tail_helpers(fake, done)
+    fake.events.clear()
+    S.run_ray(fake.points()[:1], tmp_path, None, 2, (), lambda p, res: None, helpers=False)
+    assert fake.events == [("run", "r0")]
 
 
 def test_a_sweep_worker_gives_each_run_its_own_determinism_setting(tmp_path):
