@@ -747,3 +747,53 @@ def test_one_sweep_file_typed_two_ways_is_one_entry_of_sweeps_json(tmp_path):
     entries = read_sweeps(tmp_path)
     assert [e["grid"] for e in entries] == ["grids/a.toml", "grids/b.toml"]
     assert entries[0]["run_ids"] == ["r2"]
+
+
+def _with_lowest(rec, tpr, fpr, n_out=4500):
+    """The primary attack's TPR at the lowest supported FPR, as the MIA evaluator writes it."""
+    from scipy.stats import beta
+
+    k = round(tpr * n_out)
+    lo, hi = beta.ppf(0.025, k, n_out - k + 1), beta.ppf(0.975, k + 1, n_out - k)
+    rec["metrics"]["mia.primary.tpr_at_lowest_fpr"] = {"value": k / n_out, "ci_low": lo, "ci_high": hi,
+                                                       "n": n_out, "k": k, "fpr": fpr, "attack": "rmia_online"}
+    rec["metrics"]["mia.primary.lowest_fpr"] = {"value": fpr, "n_nonmembers": n_out, "attack": "rmia_online"}
+    return rec
+
+
+def test_the_primary_tpr_at_the_lowest_supported_fpr_is_a_column(tmp_path):
+    """Where 0.1% FPR is out of the sample's reach, the table gives the primary attack's TPR at
+    the lowest FPR it supports: the seed mean with a Student-t interval (scipy), the run's own
+    Clopper-Pearson interval for one seed, and the FPR in the header when every row shares it."""
+    from scipy import stats
+
+    runs = tmp_path / "runs"
+    for seed, t in ((0, 0.05), (1, 0.07)):
+        write_record(runs, _with_lowest(make_record(defense="erm", seed=seed), t, 10 / 4500))
+    one = _with_lowest(make_record(defense="pgd-at", family="adversarial"), 0.094, 10 / 4500)
+    write_record(runs, one)
+    [lb] = build(runs)
+    header, body = display_rows(lb)
+    col = header.index("primary MIA TPR @ 0.22% FPR % (pooled; lowest supported)")
+    erm = lb.rows[lb.rows["defense"] == "erm"].iloc[0]
+    vals = np.array([round(0.05 * 4500) / 4500, round(0.07 * 4500) / 4500])
+    half = stats.t.ppf(0.975, 1) * vals.std(ddof=1) / np.sqrt(2)
+    assert erm["plow_mean"] == pytest.approx(vals.mean())
+    assert (erm["plow_ci_low"], erm["plow_ci_high"]) == pytest.approx((max(0, vals.mean() - half), vals.mean() + half))
+    pgd = lb.rows[lb.rows["defense"] == "pgd-at"].iloc[0]
+    m = one["metrics"]["mia.primary.tpr_at_lowest_fpr"]
+    assert (pgd["plow_mean"], pgd["plow_ci_low"], pgd["plow_ci_high"]) == pytest.approx(
+        (m["value"], m["ci_low"], m["ci_high"]))
+    row = [r for r in body if r[1] == "pgd-at"][0]
+    assert row[col] == f"{100 * m['value']:.2f} [{100 * m['ci_low']:.2f}, {100 * m['ci_high']:.2f}]"
+    # the JSON round trip keeps the column
+    back = Leaderboard.from_json(json.loads(json.dumps(to_json_obj(lb))))
+    assert display_rows(back) == display_rows(lb)
+
+    # rows at different lowest FPRs (a table of several pool sizes cannot happen within one
+    # protocol, but a hand-edited store can): the header says so and each cell names its FPR
+    write_record(runs, _with_lowest(make_record(defense="trades", family="adversarial"), 0.08, 0.005, n_out=2000))
+    [lb] = build(runs)
+    header, body = display_rows(lb)
+    col = header.index("primary MIA TPR @ lowest supported FPR % (pooled)")
+    assert [r for r in body if r[1] == "trades"][0][col].endswith("(@ 0.5%)")

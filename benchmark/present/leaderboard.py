@@ -97,10 +97,13 @@ CSV_NAMES = {
     # the protocol's primary attack, pooled over the target and its reference models (mia v2);
     # "eps_lb": the DP audit's epsilon lower bound from it
     "ptpr1": "mia_primary_tpr_at_fpr_0.01", "ptpr01": f"mia_primary_tpr_at_fpr_{LEAKAGE_FPR}",
+    # ... and at the lowest FPR its sample supports (10 / N_out non-members: 0.22% for 4,500),
+    # where 0.1% is n/a; "plow_fpr" is that FPR
+    "plow": "mia_primary_tpr_at_lowest_fpr", "plow_fpr": "mia_primary_lowest_fpr",
     "eps_lb": "mia_audit_epsilon_lb",
 }
 #: columns with an interval / with attack names (besides clean, robust, auc, tpr)
-PRIMARY_COLS = ("ptpr1", "ptpr01")
+PRIMARY_COLS = ("ptpr1", "ptpr01", "plow")
 #: the columns that carry a 95% interval
 INTERVAL_COLS = ("clean", "robust", "auc", "tpr", *PRIMARY_COLS)
 CONFIDENCE = 0.95
@@ -266,7 +269,8 @@ def record_row(record: Mapping[str, Any], robust_source: str | None = "autoattac
     auc = strongest(metrics, "auc")
     tpr = strongest(metrics, f"tpr_at_fpr.{LEAKAGE_FPR}")
     p1, p01 = metrics.get("mia.primary.tpr_at_fpr.0.01"), metrics.get(f"mia.primary.tpr_at_fpr.{LEAKAGE_FPR}")
-    p_attack = (p1 or p01).get("attack") if isinstance(p1 or p01, Mapping) else None
+    plow, plow_fpr = metrics.get("mia.primary.tpr_at_lowest_fpr"), metrics.get("mia.primary.lowest_fpr")
+    p_attack = next((m.get("attack") for m in (p1, p01, plow) if isinstance(m, Mapping) and m.get("attack")), None)
     timings = record.get("timings") or {}
     return {
         "run_id": record.get("run_id"),
@@ -287,6 +291,8 @@ def record_row(record: Mapping[str, Any], robust_source: str | None = "autoattac
         "epsilon": num(metrics.get("dp.epsilon")),
         "ptpr1": num(p1), "ptpr1_lo": ci(p1)[0], "ptpr1_hi": ci(p1)[1], "ptpr1_attack": p_attack,
         "ptpr01": num(p01), "ptpr01_lo": ci(p01)[0], "ptpr01_hi": ci(p01)[1], "ptpr01_attack": p_attack,
+        "plow": num(plow), "plow_lo": ci(plow)[0], "plow_hi": ci(plow)[1], "plow_attack": p_attack,
+        "plow_fpr": num(plow_fpr),
         "eps_lb": num(metrics.get("mia.audit.epsilon_lb")),
         "train_s": num(timings.get("train")),
         "eval_s": eval_seconds(timings),
@@ -366,6 +372,16 @@ class Leaderboard:
                 "tpr": "strongest MIA TPR @ 0.1% FPR", "auc": "strongest MIA AUC"}.get(self.leakage or "", "n/a")
 
     @property
+    def lowest_fpr_label(self) -> str:
+        """The header of the primary attack's TPR at the lowest supported FPR: that FPR when every
+        row has the same one (one protocol: one pool and one K, so the same number of pooled
+        non-members), else "lowest supported FPR" (each cell then names its own)."""
+        fprs = {round(float(v), 12) for v in self.rows.get("plow_fpr_mean", []) if not math.isnan(float(v))}
+        if len(fprs) == 1:
+            return f"primary MIA TPR @ {100 * fprs.pop():.2g}% FPR (pooled; lowest supported)"
+        return "primary MIA TPR @ lowest supported FPR (pooled)"
+
+    @property
     def unusable(self) -> list[dict[str, Any]]:
         """The excluded entries that are unusable record files (not failed or unfinished runs)."""
         return [e for e in self.excluded if e.get("status") == UNUSABLE]
@@ -405,7 +421,7 @@ class Leaderboard:
         records = pd.DataFrame(obj.get("records") or [],
                                columns=["run_id", "seed", "defense", "clean", "robust", "auc", "auc_attack", "tpr",
                                         "tpr_attack", "epsilon", "train_s", "eval_s", "path", "ptpr1", "ptpr01",
-                                        "eps_lb"])
+                                        "plow", "plow_fpr", "eps_lb"])
         return cls(name=obj["name"], protocol=obj["protocol"], protocol_id=obj["protocol_id"],
                    command=obj["command"], rows=df, records=records, robust_source=obj.get("robust_source"),
                    leakage=leakage, pareto_axes=list(obj.get("pareto_axes") or []),
@@ -490,7 +506,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, runs: str = "runs", comma
     df = df.drop_duplicates(["defense", "defense_version", "params", "train", "seed"], keep="last")
     df = df.sort_values(["defense", "params", "train", "seed"], kind="stable").reset_index(drop=True)
 
-    value_cols = ["clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s", *PRIMARY_COLS, "eps_lb"]
+    value_cols = ["clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s", *PRIMARY_COLS, "plow_fpr", "eps_lb"]
     rows = []
     for key, g in df.groupby(["defense", "defense_version", "params", "train"], sort=True, dropna=False):
         row: dict[str, Any] = dict(zip(["defense", "defense_version", "params", "train"], key))

@@ -30,6 +30,7 @@ CSV_COLUMNS = [
     "tpr_mean", "tpr_std", "tpr_ci_low", "tpr_ci_high", "tpr_attack",
     "ptpr1_mean", "ptpr1_std", "ptpr1_ci_low", "ptpr1_ci_high", "ptpr1_attack",
     "ptpr01_mean", "ptpr01_std", "ptpr01_ci_low", "ptpr01_ci_high", "ptpr01_attack",
+    "plow_mean", "plow_std", "plow_ci_low", "plow_ci_high", "plow_attack", "plow_fpr_mean",
     "epsilon_mean", "epsilon_std", "eps_lb_mean", "eps_lb_std", "train_s_mean", "train_s_std", "eval_s_mean",
     "eval_s_std", "interval", "run_ids",
 ]
@@ -43,7 +44,8 @@ def display_rows(lb: Leaderboard) -> tuple[list[str], list[list[str]]]:
     tpr_digits = 2
     header = ["rank", "defense", "family", "clean acc. %", f"{lb.robust_label.replace('acc.', 'acc. %')}",
               "MIA AUC (strongest)", "MIA TPR @ 0.1% FPR % (strongest)",
-              "primary MIA TPR @ 1% FPR % (pooled)", "primary MIA TPR @ 0.1% FPR % (pooled)", "DP ε",
+              "primary MIA TPR @ 1% FPR % (pooled)", "primary MIA TPR @ 0.1% FPR % (pooled)",
+              lb.lowest_fpr_label.replace(" FPR (", " FPR % ("), "DP ε",
               "audit ε lower bound", "train", "eval", "seeds", "sanity flags"]
     body = []
     nan = float("nan")
@@ -58,7 +60,9 @@ def display_rows(lb: Leaderboard) -> tuple[list[str], list[list[str]]]:
         if r["tpr_attack"]:
             tpr += f" ({r['tpr_attack']})"
         primary = [fmt_metric(r[f"{c}_mean"], nan, r[f"{c}_ci_low"], r[f"{c}_ci_high"], percent=True,
-                              digits=tpr_digits) for c in ("ptpr1", "ptpr01")]
+                              digits=tpr_digits) for c in ("ptpr1", "ptpr01", "plow")]
+        if primary[-1] != "n/a" and "lowest supported FPR" in header[9] and not pd.isna(r["plow_fpr_mean"]):
+            primary[-1] += f" (@ {100 * r['plow_fpr_mean']:.2g}%)"
         flags = str(r.get("flags") or "")
         robust = fmt_metric(r["robust_mean"], nan, r["robust_ci_low"], r["robust_ci_high"], percent=True)
         body.append([
@@ -87,7 +91,9 @@ def notes(lb: Leaderboard) -> list[str]:
         "MIA: the strongest of the evaluated membership attacks per run (named in parentheses; the maximum over "
         "attacks is selection-biased, an optimistic estimate), and the protocol's primary attack (fixed in "
         "advance) pooled over the target and its reference models. n/a: not evaluated, or the sample cannot "
-        "support the rate (a TPR at FPR f needs at least 10 / f non-member trials). Audit ε: the epsilon lower "
+        "support the rate (a TPR at FPR f needs at least 10 / f non-member trials); the primary attack's TPR is "
+        "also given at the lowest FPR its pooled sample supports (10 / N_out), where 0.1% is out of reach. "
+        "Audit ε: the epsilon lower "
         "bound the primary attack proves (Clopper-Pearson, the run's δ), beside the accountant's DP ε.",
         "Cost: training and evaluation wall-clock seconds per run (mean over seeds).",
         f"Built from {n_rec} finished run{'s' if n_rec != 1 else ''}."
@@ -199,7 +205,8 @@ def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
             "run_ids": str(r["run_ids"]).split(),
             "interval": r.get("interval") or "run",
         }
-        for c in ("clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s", "ptpr1", "ptpr01", "eps_lb"):
+        for c in ("clean", "robust", "auc", "tpr", "epsilon", "train_s", "eval_s", "ptpr1", "ptpr01", "plow",
+                  "plow_fpr", "eps_lb"):
             entry = {"mean": _json_num(r[f"{c}_mean"]), "std": _json_num(r[f"{c}_std"]), "n": int(r[f"{c}_n"])}
             if f"{c}_ci_low" in r:
                 entry["ci_low"] = _json_num(r[f"{c}_ci_low"])
@@ -212,7 +219,8 @@ def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
     for _, r in lb.records.iterrows():
         per_run.append({k: _json_num(r[k]) for k in ("run_id", "seed", "defense", "clean", "robust", "auc",
                                                       "auc_attack", "tpr", "tpr_attack", "epsilon",
-                                                      "train_s", "eval_s", "ptpr1", "ptpr01", "eps_lb")
+                                                      "train_s", "eval_s", "ptpr1", "ptpr01", "plow",
+                                                      "plow_fpr", "eps_lb")
                                                       if k in r}
                        | {"flags": [f for f in str(r.get("flags") or "").split(", ") if f]}
                        | {"path": _rel(r["path"], lb.runs)}
@@ -252,7 +260,7 @@ def tex_escape(text: Any) -> str:
 
 #: the table's columns in the LaTeX export (the cost and family columns stay in the other files)
 TEX_COLUMNS = ("rank", "defense", "clean acc. %", None, "MIA AUC (strongest)", "MIA TPR @ 0.1% FPR % (strongest)",
-               "primary MIA TPR @ 1% FPR % (pooled)", "primary MIA TPR @ 0.1% FPR % (pooled)", "DP ε", "seeds")
+               "primary MIA TPR @ 1% FPR % (pooled)", "primary MIA TPR @ 0.1% FPR % (pooled)", 9, "DP ε", "seeds")
 
 
 def to_latex(lb: Leaderboard) -> str:
@@ -261,7 +269,8 @@ def to_latex(lb: Leaderboard) -> str:
     import pandas as pd
 
     header, body = display_rows(lb)
-    cols = [header[4] if c is None else c for c in TEX_COLUMNS]
+    # None: the robust column, 9: the lowest-FPR column (their headers depend on the protocol)
+    cols = [header[4] if c is None else header[c] if isinstance(c, int) else c for c in TEX_COLUMNS]
     idx = [header.index(c) for c in cols]
     rows = [[row[i] for i in idx] for row in body]
     # columns no row has a value in are left out (said in the caption)
@@ -372,7 +381,7 @@ def sort_values(lb: Leaderboard) -> list[list[str]]:
     out = []
     for _, r in lb.rows.iterrows():
         out.append([n(r["pareto_rank"]), str(r["label"]), str(r["family"]), n(r["clean_mean"]), n(r["robust_mean"]),
-                    n(r["auc_mean"]), n(r["tpr_mean"]), n(r["ptpr1_mean"]), n(r["ptpr01_mean"]),
+                    n(r["auc_mean"]), n(r["tpr_mean"]), n(r["ptpr1_mean"]), n(r["ptpr01_mean"]), n(r["plow_mean"]),
                     n(r["epsilon_mean"]), n(r["eps_lb_mean"]), n(r["train_s_mean"]), n(r["eval_s_mean"]),
                     n(r["seeds"]), str(r.get("flags") or "")])
     return out
