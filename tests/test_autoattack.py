@@ -173,3 +173,61 @@ def test_progress_is_one_timestamped_line_per_attack_in_a_log(robust_model, digi
     assert len(starts) == 4 and len(steps) == 4, err
     k = round(res.metrics["robust.autoattack.accuracy"]["value"] * 10)
     assert steps[-1].split(" robust ")[1].startswith(f"{k}/10")
+
+
+BS = 8   # 40 examples in batches of 8: several batches per attack
+
+
+@pytest.fixture(scope="module")
+def ours_small_batches(robust_model, digits_split, tmp_path_factory):
+    ctx = _ctx(robust_model, digits_split, tmp_path_factory.mktemp("aa-bs"))
+    return AutoAttackRobustness(AutoAttackParams(n_examples=N, batch_size=BS)).evaluate(ctx), ctx
+
+
+def test_batch_by_batch_equals_one_direct_call_with_the_same_batches(robust_model, digits_split, ours_small_batches):
+    """cfbench calls the package once per batch (to save its state after each); the flags are
+    those of one direct call with the same batch size."""
+    from pyautoattack import AutoAttack
+
+    res, _ = ours_small_batches
+    x, y = digits_split.x_test[:N].contiguous(), digits_split.y_test[:N].contiguous()
+    x_adv, _ = AutoAttack(robust_model, norm="Linf", eps=EPS, version="standard", device="cpu",
+                          seed=0).run_standard_evaluation(x, y, batch_size=BS)
+    assert round(res.metrics["robust.autoattack.accuracy"]["value"] * N) == int(_flags(robust_model, x_adv, y).sum())
+
+
+def test_a_kill_inside_an_attack_resumes_at_its_batch(robust_model, digits_split, ours_small_batches, tmp_path,
+                                                      monkeypatch):
+    from pyautoattack import AutoAttack
+
+    calls: list[tuple[str, int]] = []
+    real = AutoAttack.run_standard_evaluation
+
+    def killed_in_apgd_t(self, x, y, **kw):
+        calls.append((self.attacks_to_run[0], len(x)))
+        if sum(a == "apgd-t" for a, _ in calls) == 2:      # the second batch of APGD-T
+            raise KeyboardInterrupt("killed")
+        return real(self, x, y, **kw)
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", killed_in_apgd_t)
+    ev = AutoAttackRobustness(AutoAttackParams(n_examples=N, batch_size=BS))
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(_ctx(robust_model, digits_split, tmp_path))
+    before = list(calls)
+    calls.clear()
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation",
+                        lambda self, x, y, **kw: (calls.append((self.attacks_to_run[0], len(x))),
+                                                  real(self, x, y, **kw))[1])
+    ctx = _ctx(robust_model, digits_split, tmp_path)
+    res = ev.evaluate(ctx)
+    # APGD-CE is not repeated; APGD-T resumes at the batch that was killed: its batches before
+    # the kill plus its batches after it are exactly the batches of one uninterrupted APGD-T
+    assert "apgd-ce" not in {a for a, _ in calls}
+    done_before = [n for a, n in before if a == "apgd-t"][:-1]      # the killed batch did not finish
+    after = [n for a, n in calls if a == "apgd-t"]
+    full_res, full_ctx = ours_small_batches
+    robust_after_ce = round(full_res.notes["robust.autoattack"]["breakdown"]["apgd-ce"] * N)
+    assert sum(done_before) + sum(after) == robust_after_ce and len(done_before) == 1
+    assert res.metrics["robust.autoattack.accuracy"] == full_res.metrics["robust.autoattack.accuracy"]
+    assert res.notes["robust.autoattack"]["breakdown"] == full_res.notes["robust.autoattack"]["breakdown"]
+    assert torch.equal(ctx.examples["autoattack"][1], full_ctx.examples["autoattack"][1])   # same x_adv
