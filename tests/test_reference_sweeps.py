@@ -6,6 +6,8 @@ protocol, fails here."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -76,3 +78,36 @@ def test_fashion_mnist_reference_has_every_builtin_defense_pooled_k8():
         mia = p.cfg.evaluator_params["mia"]
         assert mia.reference_models >= 8 and mia.pooled, p.label
         assert {"clean", "autoattack", "mia"} <= set(p.cfg.evaluators)
+
+
+def _reference_tables():
+    out = []
+    for p in sorted(BOARDS.glob("*.json")):
+        t = json.loads(p.read_text(encoding="utf-8"))
+        if (t.get("source") or {}).get("runs") == "leaderboards/reference-runs":
+            out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("table", _reference_tables(), ids=lambda t: t["name"])
+def test_a_committed_reference_table_is_what_its_committed_runs_give(table, tmp_path):
+    """Every committed reference table (it grows across sessions while its sweep runs) equals
+    what `cfbench leaderboard` builds from exactly the run folders it lists, all of which are in
+    the repository with their model; other finished runs in a working copy do not matter."""
+    from cfbench.present.leaderboard import build
+    from cfbench.present.writers import to_json_obj
+
+    runs = ROOT / "leaderboards" / "reference-runs"
+    ids = [i for row in table["rows"] for i in row["run_ids"]]
+    assert ids, table["name"]
+    only = tmp_path / "reference-runs"
+    only.mkdir()
+    for i in ids:
+        assert (runs / i / "record.json").is_file() and (runs / i / "model.safetensors").is_file(), i
+        (only / i).mkdir()
+        shutil.copy2(runs / i / "record.json", only / i / "record.json")
+    boards = [b for b in build(only, table["protocol"]["dataset"]["name"], runs_label="leaderboards/reference-runs")
+              if b.protocol_id == table["protocol_id"]]
+    assert len(boards) == 1
+    fresh = json.loads(json.dumps(to_json_obj(boards[0])))
+    assert fresh["rows"] == table["rows"]
