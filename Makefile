@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`.  Both set up everything first.
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo test test-fast bench reference
 
 setup:
 	@bash scripts/setup.sh
@@ -17,3 +17,9 @@ test-fast: setup
 
 bench: setup
 	.venv/bin/python -m pytest benchmarks/ --benchmark-only --benchmark-columns=min,median,max,rounds -q
+
+# The reference leaderboards (VALIDATION.md "Reference leaderboards"): both sweeps one after the
+# other, each resuming where it stopped (finished runs are skipped by hash).  Long on a CPU.
+reference: setup
+	OMP_NUM_THREADS=1 .venv/bin/cfbench sweep leaderboards/fashion-mnist_reference.toml --out leaderboards/reference-runs --leaderboards leaderboards
+	OMP_NUM_THREADS=1 .venv/bin/cfbench sweep leaderboards/digits_reference.toml --out leaderboards/reference-runs --leaderboards leaderboards
