@@ -797,3 +797,18 @@ def test_the_primary_tpr_at_the_lowest_supported_fpr_is_a_column(tmp_path):
     header, body = display_rows(lb)
     col = header.index("primary MIA TPR @ lowest supported FPR % (pooled)")
     assert [r for r in body if r[1] == "trades"][0][col].endswith("(@ 0.5%)")
+
+
+def test_a_resumed_runs_training_cost_counts_every_attempts_epochs(tmp_path):
+    """The last attempt of a resumed run may only reload the finished model (timings.train of a
+    second); the train column then sums the history's per-epoch seconds instead."""
+    runs = tmp_path / "runs"
+    resumed = make_record(defense="erm", train_s=1.5)
+    resumed["history"] = [{"epoch": i + 1, "seconds": 4.0} for i in range(10)]
+    fresh = make_record(defense="pgd-at", family="adversarial", train_s=50.0)
+    fresh["history"] = [{"epoch": i + 1, "seconds": 4.5} for i in range(10)]   # 45 s of epochs < 50 s total
+    write_record(runs, resumed)
+    write_record(runs, fresh)
+    [lb] = build(runs)
+    got = dict(zip(lb.rows["defense"], lb.rows["train_s_mean"]))
+    assert got == {"erm": pytest.approx(40.0), "pgd-at": pytest.approx(50.0)}

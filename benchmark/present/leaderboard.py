@@ -251,6 +251,19 @@ def eval_seconds(timings: Mapping[str, Any]) -> float:
     return float(sum(vals)) if vals else math.nan
 
 
+def train_seconds(record: Mapping[str, Any]) -> float:
+    """Training cost of a run: ``timings['train']`` of the attempt that finished it, or, when the
+    run was resumed (a killed run continues from its checkpoint, and its last attempt may only
+    have reloaded the finished model), the sum of the per-epoch seconds of its history, which
+    spans every attempt -- whichever is larger."""
+    t = num((record.get("timings") or {}).get("train"))
+    epochs = [num(h.get("seconds")) for h in (record.get("history") or []) if isinstance(h, Mapping)]
+    epochs = [e for e in epochs if not math.isnan(e)]
+    if not epochs:
+        return t
+    return max(float(sum(epochs)), 0.0 if math.isnan(t) else t)
+
+
 def record_flags(record: Mapping[str, Any]) -> list[str]:
     """The sorted names of a record's sanity flags (``record["flags"]``, schema 3; the store
     upgrades older records, turning their AutoAttack check warnings into flags)."""
@@ -294,7 +307,7 @@ def record_row(record: Mapping[str, Any], robust_source: str | None = "autoattac
         "plow": num(plow), "plow_lo": ci(plow)[0], "plow_hi": ci(plow)[1], "plow_attack": p_attack,
         "plow_fpr": num(plow_fpr),
         "eps_lb": num(metrics.get("mia.audit.epsilon_lb")),
-        "train_s": num(timings.get("train")),
+        "train_s": train_seconds(record),
         "eval_s": eval_seconds(timings),
         "flags": ", ".join(record_flags(record)),
     }

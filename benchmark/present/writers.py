@@ -95,7 +95,9 @@ def notes(lb: Leaderboard) -> list[str]:
         "also given at the lowest FPR its pooled sample supports (10 / N_out), where 0.1% is out of reach. "
         "Audit ε: the epsilon lower "
         "bound the primary attack proves (Clopper-Pearson, the run's δ), beside the accountant's DP ε.",
-        "Cost: training and evaluation wall-clock seconds per run (mean over seeds).",
+        "Cost: training and evaluation wall-clock seconds per run (mean over seeds). A resumed run's "
+        "training counts its epochs over every attempt; its evaluation counts the attempt that finished it "
+        "(reference models already in the cache cost nothing there).",
         f"Built from {n_rec} finished run{'s' if n_rec != 1 else ''}."
         + (f" Excluded (failed or unfinished, never tabulated): {failed}." if failed else "")
         + (f" Record files left out (unreadable or not a valid record; listed below): {len(unusable)}."
