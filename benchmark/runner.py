@@ -131,6 +131,14 @@ def execute(cfg: RunConfig, out: str | Path = "runs", *, force: bool = False, pr
     return RunOutcome(record, final_dir, False)
 
 
+def declared_jobs(cfg: RunConfig, data, cache_dir: Path) -> list[Any]:
+    """The training jobs ``cfg``'s evaluators can name from the recipe alone (the MIA reference
+    models), in evaluator order: what a run submits before it trains its target, and what a
+    sweep helper trains for it."""
+    return [job for name in cfg.evaluators
+            for job in get("evaluator", name)(cfg.evaluator_params[name]).declare_jobs(cfg, data, cache_dir)]
+
+
 def attempt_dir(out: str | Path, run_id: str, force: bool) -> Path:
     """Where an attempt of ``run_id`` writes (and a failed one leaves its record)."""
     return staging_dir(out, run_id) if force else Path(out) / run_id
@@ -181,9 +189,7 @@ def _attempt(cfg: RunConfig, out: Path, run_dir: Path, run_id: str, *, progress:
         if progress:
             log_line(cost_plan(cfg, len(data.member_idx)))
         # jobs the evaluators can name from the recipe alone (MIA reference models): start them now
-        executor.submit([job for name in cfg.evaluators
-                         for job in get("evaluator", name)(cfg.evaluator_params[name]).declare_jobs(
-                             cfg, data, out / CACHE_DIR)])
+        executor.submit(declared_jobs(cfg, data, out / CACHE_DIR))
 
         t0 = time.perf_counter()
         model, fctx = fit_recipe(cfg, data, data.x_train, data.y_train, seed=cfg.seed,

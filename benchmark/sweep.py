@@ -241,7 +241,8 @@ def prefetch_jobs(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) 
     only means the run trains that model itself."""
     from .execution.jobs import run_job
     from .execution.local import _job_determinism
-    from .registry import get, plugin_files as loaded
+    from .registry import plugin_files as loaded
+    from .runner import declared_jobs
     from .store import CACHE_DIR
     from .store.io import is_locked, lock_path
     from .store.lifecycle import run_lock_path
@@ -262,9 +263,7 @@ def prefetch_jobs(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) 
         _job_determinism(cfg)
         data = load_data(cfg)
         cache = Path(out) / CACHE_DIR
-        jobs = [job for name in cfg.evaluators
-                for job in get("evaluator", name)(cfg.evaluator_params[name]).declare_jobs(cfg, data, cache)]
-        for job in reversed(jobs):
+        for job in reversed(declared_jobs(cfg, data, cache)):
             path = Path(job.path)
             if not is_locked(run_lock):
                 break
@@ -276,6 +275,16 @@ def prefetch_jobs(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) 
         print(f"cfbench sweep: a helper for {cfg.run_id()} stopped ({type(e).__name__}: {e}); "
               "the run trains its remaining models itself", file=sys.stderr)
     return trained
+
+
+def _helper_target(running, helping, helped: set[int]) -> Point | None:
+    """The running run a free worker should help: the one with the fewest helpers, oldest
+    first, among those whose helper has not come back empty (None: none left)."""
+    cands = [p for p in running if p.index not in helped]
+    if not cands:
+        return None
+    helping = list(helping)
+    return min(cands, key=lambda q: sum(h.index == q.index for h in helping))
 
 
 def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[str, ...],
@@ -301,11 +310,9 @@ def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[
             if not helpers:
                 return
             while len(runs) + len(helping) < workers:
-                # the running run with the fewest helpers, oldest first
-                cands = [p for p in runs.values() if p.index not in helped]
-                if not cands:
+                p = _helper_target(runs.values(), helping.values(), helped)
+                if p is None:
                     return
-                p = min(cands, key=lambda q: sum(h.index == q.index for h in helping.values()))
                 helping[pool.submit(prefetch_jobs, p.cfg, str(out), plugin_files)] = p
 
         broken = False
@@ -372,10 +379,9 @@ def run_ray(points: list[Point], out: Path, address: str | None, workers: int | 
 
     def fill() -> None:
         while helpers and len(refs) + len(helping) < cpus:
-            cands = [p for p in refs.values() if p.index not in helped and not gpus(p)]
-            if not cands:
+            p = _helper_target([q for q in refs.values() if not gpus(q)], helping.values(), helped)
+            if p is None:
                 return
-            p = min(cands, key=lambda q: sum(h.index == q.index for h in helping.values()))
             helping[helper.options(num_cpus=1, max_retries=0).remote(p.cfg, str(out), plugin_files)] = p
 
     fill()
