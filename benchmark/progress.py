@@ -37,7 +37,7 @@ class Progress:
     """``with Progress(total, desc, unit) as p: p.update(1, loss=0.3)``."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", *, initial: int = 0, enabled: bool = True,
-                 stream=None):
+                 stream=None, leave: bool = True):
         self.total, self.desc, self.unit, self.n = int(total), desc, unit, int(initial)
         self.enabled = enabled
         self.stream = stream or sys.stderr
@@ -47,7 +47,7 @@ class Progress:
         if enabled and is_terminal(self.stream):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, leave=True,
+            self.bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, leave=leave,
                             dynamic_ncols=True, file=self.stream)
 
     def update(self, k: int = 1, **info) -> None:

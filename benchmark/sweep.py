@@ -42,10 +42,15 @@ declared reference models, last first, while the run trains its target and evalu
 killed mid-run (local pool) breaks the pool; the sweep starts a new pool and re-submits the
 unfinished runs, which resume from their checkpoints.  Progress: one line per finished run and an overall bar with an ETA; at the end
 a summary table and the sweep's leaderboards (``--leaderboards``, default ``<out>/leaderboards``).
+Each run's own progress (one timestamped line per epoch of each model it trains, per attack and
+batch of AutoAttack, per evaluator, and its helpers' models) is appended to
+``<out>/_cache/logs/<run id>.log`` (:func:`run_log_path`), so an hours-long run can be followed
+with ``tail -f`` and a resumed attempt's lines follow the killed one's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -189,10 +194,48 @@ def _init(plugin_files: tuple[str, ...]) -> None:
         load_plugin_file(p)
 
 
+RUN_LOGS = "logs"
+
+
+def run_log_path(out: str | Path, run_id: str) -> Path:
+    """The progress log of run ``run_id`` in a sweep into ``out``: inside the cache folder, which
+    the store, the leaderboards and ``cfbench doctor`` do not read as runs (and .gitignore keeps
+    out of a committed runs folder)."""
+    from .store import CACHE_DIR
+
+    return Path(out) / CACHE_DIR / RUN_LOGS / f"{run_id}.log"
+
+
+@contextlib.contextmanager
+def _run_log(out: str | Path, run_id: str, who: str):
+    """stdout and stderr of this worker appended to the run's progress log (line-buffered; the
+    run and its helpers append to one file, one whole line per write) -- or, if the log cannot
+    be opened (a read-only or full disk), discarded: a log never fails a run.  Yields whether
+    the log is open (the caller's ``progress``)."""
+    path = run_log_path(out, run_id)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            yield False
+        return
+    from .progress import log_line
+
+    with f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        log_line(f"{who} (pid {os.getpid()}) started")
+        try:
+            yield True
+        finally:
+            log_line(f"{who} (pid {os.getpid()}) stopped")
+
+
 def run_point(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) -> dict[str, Any]:
     """Execute one run (its jobs in-process) and return a summary; never raises for a failed
-    run (its record says why), so one failure does not stop the sweep."""
+    run (its record says why), so one failure does not stop the sweep.  Its progress goes to
+    :func:`run_log_path`."""
     from .execution.local import _job_determinism
+    from .progress import log_line
     from .registry import plugin_files as loaded
     from .runner import execute
 
@@ -201,7 +244,10 @@ def run_point(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) -> d
     _job_determinism(cfg)   # this worker may have run a run (or a helper) of another setting
     t0 = time.perf_counter()
     try:
-        outcome = execute(cfg, out, progress=False, log=lambda *a: None)
+        with _run_log(out, cfg.run_id(), "run") as logging:
+            outcome = execute(cfg, out, progress=logging, log=lambda *a: print(*a, file=sys.stderr))
+            if logging:
+                log_line(f"status {outcome.record['status']}" + (" (reused)" if outcome.reused else ""))
         rec = outcome.record
         return {"run_id": rec["run_id"], "status": rec["status"], "reused": outcome.reused,
                 "seconds": time.perf_counter() - t0, "metrics": _headline(rec)}
@@ -260,17 +306,18 @@ def prefetch_jobs(cfg: RunConfig, out: str, plugin_files: tuple[str, ...] = ()) 
         time.sleep(0.2)
     trained = 0
     try:
-        _job_determinism(cfg)
-        data = load_data(cfg)
-        cache = Path(out) / CACHE_DIR
-        for job in reversed(declared_jobs(cfg, data, cache)):
-            path = Path(job.path)
-            if not is_locked(run_lock):
-                break
-            if path.exists() or is_locked(lock_path(path)):
-                continue
-            run_job(job, progress=False)
-            trained += 1
+        with _run_log(out, cfg.run_id(), "helper") as logging:
+            _job_determinism(cfg)
+            data = load_data(cfg)
+            cache = Path(out) / CACHE_DIR
+            for job in reversed(declared_jobs(cfg, data, cache)):
+                path = Path(job.path)
+                if not is_locked(run_lock):
+                    break
+                if path.exists() or is_locked(lock_path(path)):
+                    continue
+                run_job(job, progress=logging)
+                trained += 1
     except Exception as e:  # noqa: BLE001 - the run trains what its helper could not
         print(f"cfbench sweep: a helper for {cfg.run_id()} stopped ({type(e).__name__}: {e}); "
               "the run trains its remaining models itself", file=sys.stderr)
@@ -481,6 +528,8 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
     # a terminal: a bar with k/K and an ETA, each finished run written above it; a log file:
     # one timestamped line per finished run with the overall k/K, elapsed time and ETA
     bar = Progress(len(todo), "sweep", "run", enabled=bool(todo))
+    if todo:
+        log(f"cfbench sweep: each run's progress is appended to {run_log_path(out, '<run id>')}")
     done_count = [0]
 
     def on_done(p: Point, res: dict) -> None:

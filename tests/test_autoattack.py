@@ -3,6 +3,8 @@ cfbench's own per-attack state, stale state ignored."""
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import pytest
@@ -30,9 +32,9 @@ def robust_model(digits_split):
     return model.eval()
 
 
-def _ctx(model, data, run_dir: Path) -> EvalContext:
+def _ctx(model, data, run_dir: Path, progress: bool = False) -> EvalContext:
     return EvalContext(model=model, config=make_config(), data=data, threat=ThreatModel("Linf", EPS),
-                       device=torch.device("cpu"), run_dir=run_dir, cache_dir=run_dir, seed=0, progress=False)
+                       device=torch.device("cpu"), run_dir=run_dir, cache_dir=run_dir, seed=0, progress=progress)
 
 
 def _flags(model, x_adv, y):
@@ -197,7 +199,7 @@ def test_batch_by_batch_equals_one_direct_call_with_the_same_batches(robust_mode
 
 
 def test_a_kill_inside_an_attack_resumes_at_its_batch(robust_model, digits_split, ours_small_batches, tmp_path,
-                                                      monkeypatch):
+                                                      monkeypatch, capsys):
     from pyautoattack import AutoAttack
 
     calls: list[tuple[str, int]] = []
@@ -218,8 +220,10 @@ def test_a_kill_inside_an_attack_resumes_at_its_batch(robust_model, digits_split
     monkeypatch.setattr(AutoAttack, "run_standard_evaluation",
                         lambda self, x, y, **kw: (calls.append((self.attacks_to_run[0], len(x))),
                                                   real(self, x, y, **kw))[1])
-    ctx = _ctx(robust_model, digits_split, tmp_path)
+    capsys.readouterr()
+    ctx = _ctx(robust_model, digits_split, tmp_path, progress=True)   # stderr is not a terminal: lines
     res = ev.evaluate(ctx)
+    log = capsys.readouterr().err
     # APGD-CE is not repeated; APGD-T resumes at the batch that was killed: its batches before
     # the kill plus its batches after it are exactly the batches of one uninterrupted APGD-T
     assert "apgd-ce" not in {a for a, _ in calls}
@@ -228,6 +232,9 @@ def test_a_kill_inside_an_attack_resumes_at_its_batch(robust_model, digits_split
     full_res, full_ctx = ours_small_batches
     robust_after_ce = round(full_res.notes["robust.autoattack"]["breakdown"]["apgd-ce"] * N)
     assert sum(done_before) + sum(after) == robust_after_ce and len(done_before) == 1
+    # the log says where it resumed, and has one line per saved batch of each attack
+    assert f"apgd-t on the {robust_after_ce} of {N} examples still robust (resumed after {done_before[0]})" in log, log
+    assert re.search(r"autoattack: fab-t \d+/\d+ attacked, \d+/\d+ still robust", log), log
     assert res.metrics["robust.autoattack.accuracy"] == full_res.metrics["robust.autoattack.accuracy"]
     assert res.notes["robust.autoattack"]["breakdown"] == full_res.notes["robust.autoattack"]["breakdown"]
     assert torch.equal(ctx.examples["autoattack"][1], full_ctx.examples["autoattack"][1])   # same x_adv

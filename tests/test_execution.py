@@ -479,6 +479,39 @@ def test_a_sweep_helper_trains_a_running_runs_free_reference_models_and_the_run_
         assert _same(_weights(Path(j.path)), _weights(twin))
 
 
+def test_a_sweep_run_and_its_helper_append_their_progress_to_the_runs_log(tmp_path):
+    """A sweep worker prints nothing on the sweep's terminal while a run is in progress; its
+    progress (the cost plan, one line per epoch of every model, per evaluator, the status) is
+    appended to <out>/_cache/logs/<run id>.log -- a resumed (here: reused) attempt after the
+    first one's lines, a helper's models in the same file -- as lines, never bar frames."""
+    from cfbench.store.lifecycle import run_lock_path
+    from cfbench.store.io import file_lock
+    from cfbench.sweep import prefetch_jobs, run_log_path, run_point
+
+    cfg = tiny_config("erm", sets={**TINY_SETS, "mia.reference_models": 3}, evaluators=("clean", "mia"))
+    out = tmp_path / "runs"
+    with file_lock(run_lock_path(out, cfg.run_id())):
+        assert prefetch_jobs(cfg, str(out)) == 3
+    log = run_log_path(out, cfg.run_id())
+    helper = log.read_text()
+    assert helper.count("epoch 2/2") == 3 and "helper (pid" in helper, helper
+    assert run_point(cfg, str(out))["status"] == "ok"
+    text = log.read_text()
+    assert text.startswith(helper)                        # appended, nothing overwritten
+    own = text[len(helper):]
+    assert "run (pid" in own and "evaluating clean ..." in own and "evaluating mia ..." in own, own
+    assert own.count("epoch 2/2") == 1                    # its target; the 3 references were cached
+    assert "status ok" in own and "\r" not in text
+    assert run_point(cfg, str(out))["status"] == "ok"
+    assert log.read_text().rstrip().splitlines()[-2].endswith("status ok (reused)")
+    # the log is in the cache folder: not a run, not a store problem
+    from cfbench.doctor import diagnose
+    from cfbench.store import iter_records
+
+    assert [f for f in diagnose(out) if "logs" in str(f.path)] == []
+    assert len(list(iter_records(out))) == 1
+
+
 def test_a_sweep_helper_does_nothing_for_a_run_that_is_not_running(tmp_path, monkeypatch):
     import cfbench.sweep as S
 

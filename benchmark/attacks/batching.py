@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 
 from ..errors import UsageError
+from ..progress import Progress
 
 T = TypeVar("T")
 
@@ -28,14 +29,12 @@ def check_instances(name: str, x0: torch.Tensor, target: torch.Tensor) -> None:
 def map_batches(model: torch.nn.Module, n: int, batch_size: int, run: Callable[[int, int], T], *,
                 progress: bool = False, desc: str = "counterfactuals") -> list[T]:
     """``[run(start, stop) for each batch of range(n)]`` with ``model`` in eval mode (its mode is
-    restored, also on error) and, with ``progress``, a tqdm bar counting instances."""
+    restored, also on error) and, with ``progress``, a bar counting instances (one line per batch
+    when stderr is a log file: :class:`~cfbench.progress.Progress`)."""
     was_training = model.training
     model.eval()
     parts: list[T] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    bar = Progress(n, desc, "img", enabled=progress, leave=False) if progress else None
     try:
         for s in range(0, n, batch_size):
             e = min(n, s + batch_size)

@@ -307,6 +307,9 @@ class AutoAttackRobustness(Evaluator):
                     state["seconds"][attack] = spent + time.perf_counter() - t0
                     if state["attacked"] < len(idx):
                         _save_state(state_path, key, state)
+                        if ctx.progress and bar.bar is None:   # a log file: one line per saved batch
+                            log_line(f"autoattack: {attack} {state['attacked']}/{len(idx)} attacked, "
+                                     f"{int(state['robust'].sum())}/{n} still robust")
                 state["done"].append(attack)
                 state.update(current=None, current_idx=torch.zeros(0, dtype=torch.long), attacked=0)
                 state["acc"][attack] = int(state["robust"].sum()) / n
