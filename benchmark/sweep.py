@@ -210,15 +210,14 @@ def run_log_path(out: str | Path, run_id: str) -> Path:
 def _run_log(out: str | Path, run_id: str, who: str):
     """stdout and stderr of this worker appended to the run's progress log (line-buffered; the
     run and its helpers append to one file, one whole line per write) -- or, if the log cannot
-    be opened (a read-only or full disk), discarded: a log never fails a run.  Yields whether
+    be opened (a read-only or full disk), no progress at all: a log never fails a run.  Yields whether
     the log is open (the caller's ``progress``)."""
     path = run_log_path(out, run_id)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below
     except OSError:
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            yield False
+        yield False
         return
     from .progress import log_line
 

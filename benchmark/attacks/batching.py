@@ -34,17 +34,15 @@ def map_batches(model: torch.nn.Module, n: int, batch_size: int, run: Callable[[
     was_training = model.training
     model.eval()
     parts: list[T] = []
-    bar = Progress(n, desc, "img", enabled=progress, leave=False) if progress else None
+    bar = Progress(n, desc, "img", enabled=progress, leave=False)
     try:
         for s in range(0, n, batch_size):
             e = min(n, s + batch_size)
             parts.append(run(s, e))
-            if bar is not None:
-                bar.update(e - s)
+            bar.update(e - s)
     finally:
         model.train(was_training)
-        if bar is not None:
-            bar.close()
+        bar.close()
     return parts
 
 
