@@ -1,12 +1,13 @@
 """AutoAttack (standard) beyond the training eps on the finished runs of the Int evidence (docs/int.md).
 
-    .venv/bin/python scripts/int_aa_grid.py [runs-evidence-int] [digits] [0.25,0.3] [n_examples=200] [seeds=0] [train_eps=all]
+    .venv/bin/python scripts/int_aa_grid.py [runs-evidence-int] [digits] [0.25,0.3] [n_examples=200] [seeds=0] [train_eps=all] [model=all]
 
 The ``autoattack`` evaluator attacks at the run's own (training) eps only; the paper's claim is
 about larger radii, where the ``interpretation`` evaluator's grid uses the paper's PGD-200 (fixed
 0.01 steps, no random start), which can overestimate robustness.  This loads each finished run's
 evaluated model (``cfbench.load_model``) and runs pyautoattack's standard AutoAttack at the given
-radii on the same first ``n_examples`` test images, printing a markdown table (robust accuracy
+radii on the same first ``n_examples`` test images (optionally only the runs of one ``model``, e.g.
+``gap-cnn`` for the Fashion-MNIST reference leaderboard's Int row), printing a markdown table (robust accuracy
 %, Clopper-Pearson 95% interval) and writing ``<root>/aa_grid_<dataset>.json``.
 """
 
@@ -32,7 +33,8 @@ def main(argv):
     radii = [float(e) for e in (argv[3] if len(argv) > 3 else "0.25,0.3").split(",")]
     n = int(argv[4]) if len(argv) > 4 else 200
     seeds = {int(s) for s in (argv[5] if len(argv) > 5 else "0").split(",")}
-    train_eps = float(argv[6]) if len(argv) > 6 else None
+    train_eps = float(argv[6]) if len(argv) > 6 and argv[6] != "all" else None
+    model_name = argv[7] if len(argv) > 7 and argv[7] != "all" else None
     torch.set_num_threads(1)
     data = load_data(make_config(dataset=dataset))
     x, y = data.x_test[:n], data.y_test[:n]
@@ -43,6 +45,8 @@ def main(argv):
         if rec.get("status") != "ok" or c["dataset"]["name"] != dataset or c["seed"] not in seeds:
             continue
         if train_eps is not None and abs(float(c["threat"]["eps"]) - train_eps) > 1e-9:
+            continue
+        if model_name is not None and c["model"]["name"] != model_name:
             continue
         d = c["defense"]
         name = d["params"]["variant"] if d["name"] == "int-at" else d["name"]
@@ -58,7 +62,7 @@ def main(argv):
         out[f"{name} s{c['seed']} (trained at {c['threat']['eps']:g})"] = row
         print(f"{name} s{c['seed']} eps {c['threat']['eps']:g}: " + ", ".join(f"{k}: {100 * v['value']:.1f}%" for k, v in row.items()),
               file=sys.stderr)
-    (root / f"aa_grid_{dataset}{'' if train_eps is None else f'_eps{train_eps:g}'}.json").write_text(json.dumps(out, indent=1))
+    (root / f"aa_grid_{dataset}{'' if train_eps is None else f'_eps{train_eps:g}'}{'' if model_name is None else f'_{model_name}'}.json").write_text(json.dumps(out, indent=1))
     print("| run | " + " | ".join(f"AutoAttack {e:g}" for e in radii) + " |")
     print("| --- | " + " | ".join("---" for _ in radii) + " |")
     for k, row in out.items():
