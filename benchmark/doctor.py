@@ -15,7 +15,8 @@ leftover-temp      ``.<file>.<host>.<pid>.<random>.tmp`` of a writer that is    
                    than an hour
 stale-checkpoint   ``checkpoints/`` of a finished run, ``<i>.ckpt/`` of a       removed (never resumed anyway)
                    cached model that exists (a kill between the rename of the
-                   record / model and the cleanup); ``error.txt`` of a
+                   record / model and the cleanup); ``error.txt`` or an
+                   evaluator's ``*_state.safetensors`` of a
                    finished run; a batched group's ``group-<hash>.ckpt/``
                    once every member it names is a finished model
 corrupt-cache      a ``_cache`` safetensors file that cannot be read            removed (recomputed when next needed)
@@ -66,6 +67,7 @@ from .store.lifecycle import (
     ERROR,
     STAGING,
     TRASH,
+    eval_state_files,
     finished_record,
     read_record_file,
     recover,
@@ -166,6 +168,8 @@ def _runs(root: Path, out: list[Finding]) -> None:
             if (run / ERROR).is_file():
                 out.append(Finding("stale-checkpoint", run / ERROR, "error.txt of an earlier attempt of a finished run",
                                    "remove"))
+            for st in eval_state_files(run):
+                out.append(Finding("stale-checkpoint", st, "resumable evaluator state of a finished run", "remove"))
         elif (ck / CKPT_NAME).is_file():
             problem = checkpoint_problem(ck / CKPT_NAME)
             if problem:

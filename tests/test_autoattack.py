@@ -67,7 +67,42 @@ def test_same_flags_as_one_direct_pyautoattack_call(robust_model, digits_split, 
     # the stored examples are real adversarial examples inside the threat model
     xs, xa, ys = ctx.examples["autoattack"]
     assert (xa - xs).abs().max() <= EPS + 1e-6 and xa.min() >= 0 and xa.max() <= 1
-    assert not (ctx.run_dir / STATE_FILE).exists()  # removed once the evaluation is complete
+
+
+def test_a_finished_evaluation_is_taken_from_its_state_without_attacking(robust_model, digits_split, ours,
+                                                                          monkeypatch):
+    """The finished state stays in the run folder (until the run's record is written), so a run
+    killed in a later evaluator does not attack again on resume -- and gets the same result."""
+    from pyautoattack import AutoAttack
+
+    full, ctx = ours
+    assert (ctx.run_dir / STATE_FILE).exists()
+
+    def no_attack(self, x, y, **kw):
+        raise AssertionError(f"attacked again: {self.attacks_to_run}")
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", no_attack)
+    c = _ctx(robust_model, digits_split, ctx.run_dir)
+    again = AutoAttackRobustness(AutoAttackParams(n_examples=N)).evaluate(c)
+    note = again.notes["robust.autoattack"]
+    assert note["resumed"] and note["resumed_after"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert again.metrics["robust.autoattack.accuracy"] == full.metrics["robust.autoattack.accuracy"]
+    assert note["breakdown"] == full.notes["robust.autoattack"]["breakdown"]
+    assert torch.equal(c.examples["autoattack"][1], ctx.examples["autoattack"][1])
+
+
+def test_the_state_of_another_model_is_not_inherited(robust_model, digits_split, ours, tmp_path):
+    """Same examples, threat and seed, different weights (one parameter nudged): attacked anew."""
+    import copy
+    import shutil
+
+    _, ctx = ours
+    shutil.copy(ctx.run_dir / STATE_FILE, tmp_path / STATE_FILE)
+    other = copy.deepcopy(robust_model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    res = AutoAttackRobustness(AutoAttackParams(n_examples=N)).evaluate(_ctx(other, digits_split, tmp_path))
+    assert not res.notes["robust.autoattack"]["resumed"]
 
 
 def test_resume_after_kill_skips_finished_attacks(robust_model, digits_split, ours, tmp_path, monkeypatch):
@@ -106,7 +141,8 @@ def test_state_of_another_evaluation_is_ignored(robust_model, digits_split, tmp_
 
     x, y = digits_split.x_test[:10], digits_split.y_test[:10]
     key = {"n": 10, "version": "standard", "norm": "Linf", "eps": EPS, "seed": 0,
-           "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "x_sha256": rb._sha256(x), "y_sha256": rb._sha256(y)}
+           "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "x_sha256": rb._sha256(x), "y_sha256": rb._sha256(y),
+           "model_sha256": rb._model_sha256(robust_model)}
     # a planted state claiming every attack is done and nothing is robust, for other examples
     fake = {"robust": torch.zeros(10, dtype=torch.bool), "x_adv": x.clone(),
             "done": ["apgd-ce", "apgd-t", "fab-t", "square"],

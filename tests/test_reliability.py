@@ -1330,3 +1330,66 @@ def test_the_run_lock_excludes_waiters_and_newcomers_across_a_force_swap(tmp_pat
             assert newcomer is False                               # ... and a newcomer is refused
     t.join(timeout=30)
     assert got == ["new"]
+
+
+AA_RUN = [*RUN, "--evaluators", "clean,autoattack,pgd", "--set", "autoattack.n_examples=16",
+          "--set", "pgd.n_examples=16", "--set", "pgd.steps=2"]
+
+
+def test_a_run_killed_after_autoattack_takes_autoattacks_result_from_its_state(tmp_path, monkeypatch):
+    """AutoAttack's finished state stays in the run folder until the record is written: a run
+    killed in a later evaluator resumes without attacking again, with the uninterrupted result,
+    and the state is gone once the run is finished."""
+    from cfbench.evaluators.robust import STATE_FILE, PGDRobustness
+    from pyautoattack import AutoAttack
+
+    assert cli(AA_RUN, tmp_path / "plain") == 0
+    (plain,) = run_dirs(tmp_path / "plain" / "runs")
+    assert not (plain / STATE_FILE).exists()
+    want = json.loads((plain / "record.json").read_text())["metrics"]
+
+    real_pgd = PGDRobustness.evaluate
+
+    def killed(self, ctx):
+        raise KeyboardInterrupt("killed in the evaluator after AutoAttack")
+
+    monkeypatch.setattr(PGDRobustness, "evaluate", killed)
+    where = tmp_path / "killed"
+    assert cli(AA_RUN, where) == 130                            # interrupted
+    (run,) = run_dirs(where / "runs")
+    assert (run / STATE_FILE).exists() and not (run / "record.json").exists()
+
+    def no_attack(self, x, y, **kw):
+        raise AssertionError("AutoAttack ran again")
+
+    monkeypatch.setattr(PGDRobustness, "evaluate", real_pgd)
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", no_attack)
+    assert cli(AA_RUN, where) == 0
+    rec = json.loads((run / "record.json").read_text())
+    assert rec["status"] == "ok" and rec["notes"]["robust.autoattack"]["resumed"]
+    for k in ("robust.autoattack.accuracy", "robust.pgd.accuracy", "clean.accuracy"):
+        assert rec["metrics"][k] == want[k], k
+    assert not (run / STATE_FILE).exists()
+
+
+def test_doctor_removes_the_evaluator_state_a_finished_run_left(tmp_path):
+    """A kill between the record's rename and the cleanup leaves autoattack_state.safetensors:
+    doctor lists it as stale and --fix removes it; rerunning the command removes it too."""
+    from cfbench.doctor import diagnose
+    from cfbench.evaluators.robust import STATE_FILE
+
+    where = tmp_path / "w"
+    assert killed_at(AA_RUN, where, ("replace", "record.json", 1, "after"))
+    (run,) = run_dirs(where / "runs")
+    assert (run / STATE_FILE).exists()
+    found = {(f.kind, f.path.name) for f in diagnose(where / "runs")}
+    assert ("stale-checkpoint", STATE_FILE) in found
+    record_before = (run / "record.json").read_bytes()
+    assert cli(AA_RUN, where) == 0                              # reused, and the leftovers removed
+    assert (run / "record.json").read_bytes() == record_before
+    assert not (run / STATE_FILE).exists() and diagnose(where / "runs") == []
+    # planted again: doctor --fix removes it
+    shutil.copy(run / "model.safetensors", run / STATE_FILE)
+    assert [(f.kind, f.path.name) for f in diagnose(where / "runs")] == [("stale-checkpoint", STATE_FILE)]
+    assert cli(["doctor", "--fix"], where) == 0
+    assert not (run / STATE_FILE).exists()

@@ -35,6 +35,7 @@ from ..attacks.pgd import STEP_SIZE_HELP, PGDAttack, PGDParams, default_step_siz
 from ..params import param
 from ..progress import Progress, log_line
 from ..store.io import load_tensors, save_tensors_atomic
+from ..store.lifecycle import eval_state_path
 from . import sanity as S
 from .base import EvalContext, EvalResult, Evaluator, predict, proportion
 
@@ -196,7 +197,7 @@ class _Capture(logging.Handler):
         self.records.append(record)
 
 
-STATE_FILE = "autoattack_state.safetensors"
+STATE_FILE = eval_state_path("", "autoattack").name   # autoattack_state.safetensors
 
 
 class AutoAttackRobustness(Evaluator):
@@ -213,6 +214,12 @@ class AutoAttackRobustness(Evaluator):
     the package with the run's seed, so the result is the same), with the state saved after each
     batch: a killed evaluation resumes at the batch it was in, not at the start of the attack
     (on 1,000 Fashion-MNIST images one FAB-T or Square is tens of minutes of a CPU core).
+    The finished state stays in the run folder until the run's record is written (the runner
+    then removes it with the checkpoints): a run killed in a later evaluator -- typically the
+    membership evaluator waiting for its reference models -- takes AutoAttack's result from
+    it on resume instead of attacking again.  The state is keyed by the examples, the threat,
+    the version, the seed and a fingerprint of the model's weights, so a different model
+    never inherits it.
     (pyautoattack 0.2.0's own ``state_path`` cannot resume: it writes the set of attacks with
     ``json.dump(default=str)`` and compares the string read back with a set, so every resume
     raises "created with a different set of attacks".)
@@ -260,7 +267,8 @@ class AutoAttackRobustness(Evaluator):
                                device=str(ctx.device), seed=ctx.seed)
         attacks = list(adversary.attacks_to_run)
         key = {"n": n, "version": version, "norm": ctx.threat.norm, "eps": ctx.threat.eps,
-               "seed": ctx.seed, "attacks": attacks, "x_sha256": _sha256(x), "y_sha256": _sha256(y)}
+               "seed": ctx.seed, "attacks": attacks, "x_sha256": _sha256(x), "y_sha256": _sha256(y),
+               "model_sha256": _model_sha256(ctx.model)}
         state_path = ctx.run_dir / STATE_FILE
         state = _load_state(state_path, key)
         resumed = state is not None
@@ -351,7 +359,7 @@ class AutoAttackRobustness(Evaluator):
             "sanity": sanity,
         }
         ctx.examples["autoattack"] = (x[:16], state["x_adv"][:16].clone(), y[:16])
-        state_path.unlink(missing_ok=True)
+        # the finished state stays until the run's record is written (store.lifecycle.clean_finished)
         res.flags = S.merge_flags([], res.flags)  # a warning repeated by the per-attack calls: one flag
         return res
 
@@ -391,6 +399,16 @@ class AutoAttackRobustness(Evaluator):
 
 def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _model_sha256(model: torch.nn.Module) -> str:
+    """A fingerprint of the model's parameters and buffers (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _save_state(path, key: dict, state: dict) -> None:

@@ -21,7 +21,7 @@ Promises, and how a kill at any instant keeps them:
   (its attempt stays in ``.staging`` for inspection, until the next ``--force`` or
   ``cfbench doctor --fix``).
 * **A finished run's checkpoints are never resumed.**  The runner deletes ``checkpoints/``
-  after the record's rename; if it is killed in between, the next invocation finds the
+  (and the evaluators' resumable state, ``*_state.safetensors``) after the record's rename; if it is killed in between, the next invocation finds the
   finished record, reuses it and deletes the leftovers (:func:`clean_finished`); ``--force``
   never looks at them (a fresh staging folder).
 * **A record that cannot be read is an unfinished run**, never a crash: its command runs
@@ -47,6 +47,23 @@ STAGING = ".staging"
 TRASH = ".trash"
 CHECKPOINTS = "checkpoints"
 ERROR = "error.txt"
+#: an evaluator's resumable state in the run folder is ``<name>`` + this suffix (e.g. AutoAttack's
+#: ``autoattack_state.safetensors``): kept until the run's record is written, so that a run killed
+#: in a later evaluator does not redo a finished one, then removed with the checkpoints
+EVAL_STATE_SUFFIX = "_state.safetensors"
+
+
+def eval_state_path(run_dir: str | Path, evaluator: str) -> Path:
+    """Where ``evaluator`` keeps its resumable state in ``run_dir``."""
+    return Path(run_dir) / f"{evaluator}{EVAL_STATE_SUFFIX}"
+
+
+def eval_state_files(run_dir: str | Path) -> list[Path]:
+    """The evaluators' resumable state files in ``run_dir`` (see :data:`EVAL_STATE_SUFFIX`)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob(f"*{EVAL_STATE_SUFFIX}") if p.is_file() and not p.is_symlink())
 
 
 def run_lock_path(out: str | Path, run_id: str) -> Path:
@@ -99,14 +116,19 @@ def finished_record(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def clean_finished(run_dir: str | Path) -> list[Path]:
-    """Remove what a finished run no longer needs: its checkpoints, the ``error.txt`` of an
-    earlier failed attempt and stale temporaries.  Returns what was removed."""
+    """Remove what a finished run no longer needs: its checkpoints, the evaluators' resumable
+    state, the ``error.txt`` of an earlier failed attempt and stale temporaries.  Returns what
+    was removed."""
     run_dir = Path(run_dir)
     removed = remove_stale_temps(run_dir)
     ck = run_dir / CHECKPOINTS
     if ck.is_dir() and not ck.is_symlink():
         shutil.rmtree(ck, ignore_errors=True)
         removed.append(ck)
+    for st in eval_state_files(run_dir):
+        with contextlib.suppress(OSError):
+            st.unlink()
+            removed.append(st)
     err = run_dir / ERROR
     if err.is_file():
         with contextlib.suppress(OSError):  # a read-only store: the finished run is still usable
