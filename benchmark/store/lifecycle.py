@@ -22,8 +22,9 @@ Promises, and how a kill at any instant keeps them:
   ``cfbench doctor --fix``).
 * **A finished run's checkpoints are never resumed.**  The runner deletes ``checkpoints/``
   (and the evaluators' resumable state, ``*_state.safetensors``) after the record's rename;
-  if it is killed in between, the next invocation finds the finished record, reuses it and deletes the leftovers (:func:`clean_finished`); ``--force``
-  never looks at them (a fresh staging folder).
+  if it is killed in between, the next invocation finds the finished record, reuses it and
+  deletes the leftovers (:func:`clean_finished`); ``--force`` never looks at them (a fresh
+  staging folder).
 * **A record that cannot be read is an unfinished run**, never a crash: its command runs
   again (resuming from checkpoints if any) and replaces it.
 """
