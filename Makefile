@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`.  Both set up everything first.
-.PHONY: setup demo test test-fast bench reference
+.PHONY: setup demo test test-fast bench reference reference-save
 
 setup:
 	@bash scripts/setup.sh
@@ -23,3 +23,8 @@ bench: setup
 reference: setup
 	OMP_NUM_THREADS=1 .venv/bin/cfbench sweep leaderboards/fashion-mnist_reference.toml --out leaderboards/reference-runs --leaderboards leaderboards
 	OMP_NUM_THREADS=1 .venv/bin/cfbench sweep leaderboards/digits_reference.toml --out leaderboards/reference-runs --leaderboards leaderboards
+
+# Stage the unfinished reference runs' progress (run folders, reference models, checkpoints) for
+# a commit, so `make reference` on a clean clone of that commit resumes where this one stopped.
+reference-save: setup
+	@bash scripts/reference_save.sh

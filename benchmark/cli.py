@@ -155,6 +155,12 @@ def cmd_run(args) -> int:
 def cmd_sweep(args) -> int:
     from .sweep import sweep
 
+    if args.list_state:
+        from .sweep import unfinished_state
+
+        for path in unfinished_state(args.grid, args.out):
+            print(path)
+        return 0
     rows = sweep(args.grid, out=args.out, executor=args.executor, workers=args.workers, address=args.address,
                  leaderboards=args.leaderboards, dry_run=args.dry_run)
     return 0 if all(r["status"] == "ok" for _, r in rows) else 1
@@ -273,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default="runs", help="directory of run folders; default runs/")
     sw.add_argument("--leaderboards", default=None, help="where the leaderboards go (default OUT/leaderboards)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")
+    sw.add_argument("--list-state", action="store_true",
+                    help="print the files that hold the started, unfinished runs' progress (run folders, "
+                         "reference models and their checkpoints; no locks), one per line, start nothing: "
+                         "commit them (git add -f) to resume the sweep from a clean clone")
     add_executor_options(sw, what="the runs (one process or Ray task per run)")
     sw.set_defaults(func=cmd_sweep)
 

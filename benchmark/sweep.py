@@ -182,6 +182,44 @@ def finished(cfg: RunConfig, out: Path) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("status") == "ok" else None
 
 
+
+def unfinished_state(grid_path: str | Path, out: str | Path) -> list[Path]:
+    """The files that hold the progress of the grid's *started, unfinished* runs in ``out``:
+    every file of such a run's folder (its splits, per-epoch checkpoints, evaluator state such
+    as AutoAttack's) and, in the shared cache, every trained or half-trained model of the jobs
+    it declares (the membership reference models and their ``<i>.ckpt/`` checkpoints) -- lock
+    files, ``error.txt`` and finished runs excluded, each path once, in grid order.
+
+    ``cfbench sweep GRID --out OUT --list-state`` prints them, so a sweep longer than the life
+    of its working copy (a session, a preemptible machine) can carry its progress in version
+    control (``git add -f``; these paths are ignored by default) and resume from a clean
+    clone: every listed file is one a resumed run reads instead of recomputing.  The cache's
+    other entries (MIA signals, inversion and counterfactual generators) are recomputed from
+    these; they are not listed because no file says which run they belong to."""
+    from .runner import declared_jobs
+    from .store import CACHE_DIR
+    from .store.io import LOCK_SUFFIX
+    from .store.lifecycle import ERROR
+    from .training.recipe import load_data
+
+    out = Path(out)
+
+    def keep(f: Path) -> bool:
+        return f.is_file() and not f.is_symlink() and not f.name.endswith(LOCK_SUFFIX) and f.name != ERROR
+
+    files: list[Path] = []
+    for p in expand(load_grid(grid_path), str(grid_path)):
+        run_dir = out / p.cfg.run_id()
+        if finished(p.cfg, out) is not None or not run_dir.is_dir():
+            continue
+        files += sorted(f for f in run_dir.rglob("*") if keep(f))
+        for job in declared_jobs(p.cfg, load_data(p.cfg), out / CACHE_DIR):
+            path = Path(job.path)
+            files += [path] if keep(path) else []
+            ckpt = path.with_suffix(".ckpt")
+            files += sorted(f for f in ckpt.rglob("*") if keep(f)) if ckpt.is_dir() else []
+    return list(dict.fromkeys(files))
+
 # -- one run (the body of a pool worker or a Ray task) ------------------------------------
 
 def _init(plugin_files: tuple[str, ...]) -> None:

@@ -450,6 +450,79 @@ def test_init_ray_refuses_an_already_connected_ray_of_another_cluster(monkeypatc
         assert init_ray(None, 2) is fake and calls == []
 
 
+
+STATE_GRID = """
+defense = "erm"
+dataset = "digits"
+seed = [0, 1, 2]
+evaluators = "clean,mia"
+[set]
+epochs = 2
+"data.pool_size" = 160
+"data.test_size" = 64
+"mia.reference_models" = 2
+"mia.population_size" = 64
+"model.width" = 8
+"""
+
+
+def test_list_state_names_what_an_unfinished_run_resumes_from_and_a_clean_copy_resumes(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """`cfbench sweep GRID --list-state` prints every file of the started, unfinished runs (run
+    folder, its declared reference models, their half-trained checkpoints), no lock and nothing
+    of a finished or an unstarted run.  A fresh store holding only the finished run and the
+    listed files -- a clean clone of a commit of them -- resumes the run: its reference models
+    are taken from the cache, its target from its checkpoint, and its metrics equal those of
+    an uninterrupted run."""
+    import shutil
+
+    from cfbench.evaluators.mia import MembershipInference
+    from cfbench.training.recipe import load_data
+
+    g = _grid(tmp_path, STATE_GRID)
+    done, cut, unstarted = [p.cfg for p in expand(load_grid(g))]
+    out = tmp_path / "runs"
+    assert execute(done, out, progress=False).record["status"] == "ok"
+    real = MembershipInference.evaluate
+
+    def killed(self, ctx):
+        raise KeyboardInterrupt("killed in the membership evaluator")
+
+    monkeypatch.setattr(MembershipInference, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        execute(cut, out, progress=False)
+    monkeypatch.setattr(MembershipInference, "evaluate", real)
+    cut_dir = out / cut.run_id()
+    assert not (cut_dir / "record.json").exists() and (cut_dir / "checkpoints").is_dir()
+    jobs = [Path(j.path) for j in XR.reference_jobs(cut, load_data(cut), 2, out / "_cache")]
+    assert all(p.is_file() for p in jobs)
+    planted = jobs[1].with_suffix(".ckpt") / "last.safetensors"   # a reference model killed mid-training
+    planted.parent.mkdir()
+    shutil.copy(jobs[1], planted)
+    (planted.parent / ".last.safetensors.lock").touch()
+
+    assert main(["sweep", str(g), "--out", str(out), "--list-state"]) == 0
+    listed = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    want = sorted(f for f in cut_dir.rglob("*") if f.is_file() and not f.name.endswith(".lock"))
+    assert want and listed == [*want, jobs[0], jobs[1], planted], listed
+    assert not any(p.name.endswith(".lock") for p in listed)
+    assert not (out / unstarted.run_id()).exists()
+    shutil.rmtree(planted.parent)
+
+    # the clean copy: the finished run (as committed) and the listed files, nothing else
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out / done.run_id(), fresh / done.run_id())
+    for p in listed[:-1]:
+        (fresh / p.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, fresh / p.relative_to(out))
+    resumed = execute(cut, fresh, progress=False).record
+    whole = execute(cut, tmp_path / "whole", progress=False).record
+    assert resumed["status"] == "ok" and resumed["metrics"] == whole["metrics"]
+    assert sorted(j["executor"] for j in resumed["jobs"]) == ["local:cached"] * 2
+    assert "resumed_from_epoch" in json.dumps(resumed["notes"])
+    assert main(["sweep", str(g), "--out", str(fresh), "--list-state"]) == 0
+    assert capsys.readouterr().out == ""          # nothing started is unfinished any more
+
 # -- idle-core helpers of a local sweep --------------------------------------------------
 
 def test_a_sweep_helper_trains_a_running_runs_free_reference_models_and_the_run_reuses_them(tmp_path):
