@@ -187,15 +187,17 @@ def unfinished_state(grid_path: str | Path, out: str | Path) -> list[Path]:
     """The files that hold the progress of the grid's *started, unfinished* runs in ``out``:
     every file of such a run's folder (its splits, per-epoch checkpoints, evaluator state such
     as AutoAttack's) and, in the shared cache, every trained or half-trained model of the jobs
-    it declares (the membership reference models and their ``<i>.ckpt/`` checkpoints) -- lock
-    files, ``error.txt`` and finished runs excluded, each path once, in grid order.
+    it declares (the membership reference models and their ``<i>.ckpt/`` checkpoints), and --
+    if any run is unfinished -- the cache's derived entries outside ``refmodels/`` and ``logs/``
+    (MIA signals, inversion networks, counterfactual generators): all of them, since no file
+    names the run it serves, and they are small next to a pool.  Lock files, ``error.txt``
+    and finished runs' folders and pools are excluded; each path once, in grid order, the
+    derived entries last.
 
     ``cfbench sweep GRID --out OUT --list-state`` prints them, so a sweep longer than the life
     of its working copy (a session, a preemptible machine) can carry its progress in version
     control (``git add -f``; these paths are ignored by default) and resume from a clean
-    clone: every listed file is one a resumed run reads instead of recomputing.  The cache's
-    other entries (MIA signals, inversion and counterfactual generators) are recomputed from
-    these; they are not listed because no file says which run they belong to."""
+    clone: every listed file is one a resumed run reads instead of recomputing."""
     from .runner import declared_jobs
     from .store import CACHE_DIR
     from .store.io import LOCK_SUFFIX
@@ -218,6 +220,10 @@ def unfinished_state(grid_path: str | Path, out: str | Path) -> list[Path]:
             files += [path] if keep(path) else []
             ckpt = path.with_suffix(".ckpt")
             files += sorted(f for f in ckpt.rglob("*") if keep(f)) if ckpt.is_dir() else []
+    cache = out / CACHE_DIR
+    if files and cache.is_dir():
+        files += sorted(f for f in cache.rglob("*")
+                        if keep(f) and f.relative_to(cache).parts[0] not in ("refmodels", "logs"))
     return list(dict.fromkeys(files))
 
 # -- one run (the body of a pool worker or a Ray task) ------------------------------------

@@ -500,19 +500,22 @@ def test_list_state_names_what_an_unfinished_run_resumes_from_and_a_clean_copy_r
     planted.parent.mkdir()
     shutil.copy(jobs[1], planted)
     (planted.parent / ".last.safetensors.lock").touch()
+    derived = sorted((out / "_cache" / "signals").glob("*"))  # MIA signals (of the finished run)
+    assert derived and all(p.is_file() for p in derived)
 
     assert main(["sweep", str(g), "--out", str(out), "--list-state"]) == 0
     listed = [Path(line) for line in capsys.readouterr().out.splitlines()]
     want = sorted(f for f in cut_dir.rglob("*") if f.is_file() and not f.name.endswith(".lock"))
-    assert want and listed == [*want, jobs[0], jobs[1], planted], listed
-    assert not any(p.name.endswith(".lock") for p in listed)
+    assert want and listed == [*want, jobs[0], jobs[1], planted, *derived], listed
+    assert not any(p.name.endswith(".lock") or "logs" in p.parts for p in listed)
     assert not (out / unstarted.run_id()).exists()
     shutil.rmtree(planted.parent)
+    listed.remove(planted)
 
     # the clean copy: the finished run (as committed) and the listed files, nothing else
     fresh = tmp_path / "fresh"
     shutil.copytree(out / done.run_id(), fresh / done.run_id())
-    for p in listed[:-1]:
+    for p in listed:
         (fresh / p.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, fresh / p.relative_to(out))
     resumed = execute(cut, fresh, progress=False).record
