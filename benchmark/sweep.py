@@ -183,6 +183,41 @@ def finished(cfg: RunConfig, out: Path) -> dict | None:
 
 
 
+def run_progress(cfg: RunConfig, out: str | Path) -> str:
+    """Where an unfinished run of ``out`` stands, in words, from its files alone (nothing is
+    loaded but file headers): ``""`` for a run not started; else whether another process holds
+    its lock (running) or not (interrupted), the target's state (trained, or the epoch of its
+    last checkpoint), how many of its declared reference models are trained (and how many
+    half-trained), and which evaluators left resumable state.  ``--dry-run`` prints it next
+    to each run it would start, so a sweep that spans sessions shows what a resume reuses."""
+    from .runner import declared_jobs
+    from .store import CACHE_DIR
+    from .store.io import is_locked
+    from .store.lifecycle import CHECKPOINTS, EVAL_STATE_SUFFIX, eval_state_files, run_lock_path
+    from .store.record import MODEL
+    from .training.checkpoint import CKPT_NAME, checkpoint_meta
+    from .training.recipe import load_data
+
+    out = Path(out)
+    run_dir = out / cfg.run_id()
+    if not run_dir.is_dir():
+        return ""
+    parts = ["running" if is_locked(run_lock_path(out, cfg.run_id())) else "interrupted"]
+    if (run_dir / MODEL).is_file():
+        parts.append("target trained")
+    else:
+        meta, _ = checkpoint_meta(run_dir / CHECKPOINTS / CKPT_NAME)
+        parts.append(f"target at epoch {meta['epoch']}/{cfg.train.epochs}" if meta else "target not trained")
+    jobs = [Path(j.path) for j in declared_jobs(cfg, load_data(cfg), out / CACHE_DIR)]
+    if jobs:
+        done = sum(p.is_file() for p in jobs)
+        half = sum(not p.is_file() and (p.with_suffix(".ckpt") / CKPT_NAME).is_file() for p in jobs)
+        parts.append(f"reference models {done}/{len(jobs)} trained" + (f", {half} half-trained" if half else ""))
+    states = [f.name[:-len(EVAL_STATE_SUFFIX)] for f in eval_state_files(run_dir)]
+    if states:
+        parts.append("state of " + ", ".join(states))
+    return "; ".join(parts)
+
 def unfinished_state(grid_path: str | Path, out: str | Path) -> list[Path]:
     """The files that hold the progress of the grid's *started, unfinished* runs in ``out``:
     every file of such a run's folder (its splits, per-epoch checkpoints, evaluator state such
@@ -561,7 +596,8 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
         f"({executor}" + (_n_workers(workers or default_workers()) if executor == "local" else "") + ")")
     if dry_run:
         for p in todo:
-            log(f"  would run {p.cfg.run_id()}  [{p.label}]")
+            where = run_progress(p.cfg, out)
+            log(f"  would run {p.cfg.run_id()}  [{p.label}]" + (f"  ({where})" if where else ""))
         return rows
     from .present.leaderboard import record_sweep
     from .progress import Progress, is_terminal

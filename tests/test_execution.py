@@ -509,6 +509,22 @@ def test_list_state_names_what_an_unfinished_run_resumes_from_and_a_clean_copy_r
     assert want and listed == [*want, jobs[0], jobs[1], planted, *derived], listed
     assert not any(p.name.endswith(".lock") or "logs" in p.parts for p in listed)
     assert not (out / unstarted.run_id()).exists()
+    # --dry-run says where each run it would start stands (from its files)
+    assert main(["sweep", str(g), "--out", str(out), "--dry-run"]) == 0
+    lines = {ln.split()[2]: ln for ln in capsys.readouterr().out.splitlines() if "would run" in ln}
+    assert lines.keys() == {cut.run_id(), unstarted.run_id()}
+    assert lines[cut.run_id()].endswith("(interrupted; target trained; reference models 2/2 trained)"), lines
+    assert lines[unstarted.run_id()].endswith("]"), lines
+    kept = tmp_path / "kept.safetensors"
+    shutil.move(jobs[0], kept)                                   # one model lost, one half-trained
+    jobs[0].with_suffix(".ckpt").mkdir()
+    shutil.copy(planted, jobs[0].with_suffix(".ckpt") / "last.safetensors")
+    from cfbench.sweep import run_progress
+
+    assert run_progress(cut, out) == "interrupted; target trained; reference models 1/2 trained, 1 half-trained"
+    assert run_progress(unstarted, out) == ""
+    shutil.move(kept, jobs[0])
+    shutil.rmtree(jobs[0].with_suffix(".ckpt"))
     shutil.rmtree(planted.parent)
     listed.remove(planted)
 
@@ -525,6 +541,30 @@ def test_list_state_names_what_an_unfinished_run_resumes_from_and_a_clean_copy_r
     assert "resumed_from_epoch" in json.dumps(resumed["notes"])
     assert main(["sweep", str(g), "--out", str(fresh), "--list-state"]) == 0
     assert capsys.readouterr().out == ""          # nothing started is unfinished any more
+
+
+def test_a_cached_model_of_another_subset_is_retrained_and_recorded_in_process(tmp_path):
+    """A reference model file that fails its check (here: trained on another subset) is
+    removed and trained again; the run's record then says "in-process" for it, not "cached",
+    and the run equals one that trained everything itself."""
+    import shutil
+    import warnings
+
+    from cfbench.training.recipe import load_data
+
+    cfg = tiny_config("erm", sets=TINY_SETS, evaluators=("clean", "mia"))
+    out = tmp_path / "runs"
+    jobs = [Path(j.path) for j in XR.reference_jobs(cfg, load_data(cfg), 2, out / "_cache")]
+    run_job(XR.reference_job(cfg, load_data(cfg), 1, out / "_cache"))
+    jobs[0].parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(jobs[1], jobs[0])                        # model 0's file holds model 1 (another subset)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = execute(cfg, out, progress=False).record
+    assert any("trained on another subset" in str(w.message) for w in caught)
+    modes = {Path(j["path"]).name: j["executor"] for j in rec["jobs"]}
+    assert modes == {"0.safetensors": "local:in-process", "1.safetensors": "local:cached"}, modes
+    assert rec["metrics"] == execute(cfg, tmp_path / "plain", progress=False).record["metrics"]
 
 # -- idle-core helpers of a local sweep --------------------------------------------------
 

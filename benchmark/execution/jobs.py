@@ -78,7 +78,16 @@ def model_file_problem(path: str | Path, job: TrainingJob | None = None) -> str 
 
 
 def run_job(job: TrainingJob, *, progress: bool = False) -> Path:
-    """Train ``job`` unless its model file exists and is usable; return the file's path.
+    """Train ``job`` unless its model file exists and is usable; return the file's path
+    (:func:`run_job_reporting` also says whether this call trained it)."""
+    return run_job_reporting(job, progress=progress)[0]
+
+
+def run_job_reporting(job: TrainingJob, *, progress: bool = False) -> tuple[Path, bool]:
+    """:func:`run_job`, returning ``(path, trained)``: ``trained`` is True when this call
+    trained the model (the file was missing, or unusable and removed), False when a usable
+    file was there or another process trained it while this one waited -- what an executor
+    records as the job's mode ("in-process" or "cached").
 
     Two processes that need the same model never both train it: training holds an exclusive
     ``flock`` on ``.<name>.lock`` next to the model file, and whoever gets the lock looks for
@@ -91,7 +100,7 @@ def run_job(job: TrainingJob, *, progress: bool = False) -> Path:
     ckpt = path.with_suffix(".ckpt")
     if model_file_problem(path, job) is None:
         _remove_dir(ckpt)
-        return path
+        return path, False
 
     def waiting() -> None:
         if progress:
@@ -101,13 +110,13 @@ def run_job(job: TrainingJob, *, progress: bool = False) -> Path:
         problem = model_file_problem(path, job)
         if problem is None:  # trained by the process we waited for
             _remove_dir(ckpt)
-            return path
+            return path, False
         if problem != "missing":
             warnings.warn(f"cached model {path} {problem}: removed, training it again", stacklevel=2)
             path.unlink(missing_ok=True)
             _remove_dir(ckpt)  # its checkpoints belong to the file that is gone: start afresh
         _train(job, path, ckpt, progress)
-    return path
+    return path, True
 
 
 def _remove_dir(d: Path) -> None:

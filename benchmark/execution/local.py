@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..store.io import is_locked, lock_path
-from .jobs import TrainingJob, run_job
+from .jobs import TrainingJob, run_job, run_job_reporting
 
 EXECUTORS = ("local", "ray")
 
@@ -277,10 +277,8 @@ class LocalExecutor:
         return out
 
     def _run_here(self, job: TrainingJob) -> Path:
-        path = Path(job.path)
-        cached = path.exists()
-        got = run_job(job, progress=self.progress)
-        self.modes[str(path)] = "cached" if cached else "in-process"
+        got, trained = run_job_reporting(job, progress=self.progress)
+        self.modes[str(job.path)] = "in-process" if trained else "cached"
         return got
 
     __call__ = run

@@ -117,7 +117,7 @@ class RayExecutor:
                 RemoteJob.of(job, job.data.dataset.fingerprint()), self._plugins, self.threads)
 
     def run(self, jobs: Sequence[TrainingJob]) -> list[Path]:
-        from .jobs import run_job
+        from .jobs import run_job_reporting
         from .local import DataMismatch
 
         self.submit(jobs)
@@ -133,9 +133,9 @@ class RayExecutor:
                 except Exception as e:  # noqa: BLE001 - Ray wraps the task's exception
                     if not isinstance(getattr(e, "cause", None), DataMismatch) and "DataMismatch" not in str(e):
                         raise
-            cached = path.exists()
-            out.append(run_job(job))
-            self.modes[str(path)] = "cached" if cached else "in-process"
+            got, trained = run_job_reporting(job)
+            out.append(got)
+            self.modes[str(path)] = "in-process" if trained else "cached"
         return out
 
     __call__ = run
