@@ -40,7 +40,9 @@ the same reference model twice).  A worker (or, on Ray, a CPU) with no run left 
 declared reference models, last first, while the run trains its target and evaluates
 (:func:`prefetch_jobs`; the run finds them cached, and every result is the same).  A worker
 killed mid-run (local pool) breaks the pool; the sweep starts a new pool and re-submits the
-unfinished runs, which resume from their checkpoints.  Progress: one line per finished run and an overall bar with an ETA; at the end
+unfinished runs, which resume from their checkpoints.  Runs start seed by seed (every
+recipe's first seed before any second seed, grid order within a seed), so a sweep stopped
+part-way holds every recipe once.  Progress: one line per finished run and an overall bar with an ETA; at the end
 a summary table and the sweep's leaderboards (``--leaderboards``, default ``<out>/leaderboards``).
 Each run's own progress (one timestamped line per epoch of each model it trains, per attack and
 batch of AutoAttack, per evaluator, and its helpers' models) is appended to
@@ -414,8 +416,8 @@ def _helper_target(running, helping, helped: set[int]) -> Point | None:
 
 def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[str, ...],
               on_done: Callable[[Point, dict], None], *, helpers: bool = True) -> None:
-    """Run ``points`` on a pool of ``workers`` processes, at most ``workers`` at a time, in grid
-    order.  When fewer runs than workers are left (a sweep's tail, or a sweep of one run), each
+    """Run ``points`` on a pool of ``workers`` processes, at most ``workers`` at a time, in the
+    order given (the sweep's: seed by seed).  When fewer runs than workers are left (a sweep's tail, or a sweep of one run), each
     free worker becomes a helper of a running run (:func:`prefetch_jobs`, ``helpers=True``): it
     trains that run's reference models while the run trains its target and runs its other
     evaluators, so no core idles while a run still has independent work."""
@@ -592,6 +594,10 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
                              "metrics": _headline(rec)}))
         else:
             todo.append(p)
+    # seed by seed: every recipe's first seed starts before any recipe's second, so a sweep
+    # stopped part-way (a session, a budget) holds every recipe once rather than a few recipes
+    # three times; grid order within a seed (a stable sort)
+    todo.sort(key=lambda p: p.cfg.seed)
     log(f"cfbench sweep: {len(points)} runs in the grid, {len(rows)} already finished, {len(todo)} to run "
         f"({executor}" + (_n_workers(workers or default_workers()) if executor == "local" else "") + ")")
     if dry_run:

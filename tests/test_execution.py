@@ -264,6 +264,16 @@ def test_a_sweep_runs_skips_finished_runs_and_builds_its_leaderboard(tmp_path, c
     assert alone.record["metrics"] == swept["metrics"]
 
 
+def test_a_sweep_starts_its_runs_seed_by_seed(tmp_path, capsys):
+    """Every recipe's first seed before any second seed (grid order within a seed): a sweep
+    stopped part-way holds every recipe once.  The grid's own order is defense-major."""
+    g = _grid(tmp_path, GRID.replace('"defense.steps" = 2\n', "").replace("seed = [0, 1]", "seed = [0, 1, 2]"))
+    assert [(p.cfg.defense, p.cfg.seed) for p in expand(load_grid(g))][:2] == [("erm", 0), ("erm", 1)]
+    assert main(["sweep", str(g), "--out", str(tmp_path / "runs"), "--dry-run"]) == 0
+    started = [ln.split()[2] for ln in capsys.readouterr().out.splitlines() if "would run" in ln]
+    want = [p.cfg.run_id() for s in (0, 1, 2) for p in expand(load_grid(g)) if p.cfg.seed == s]
+    assert started == want and [i.split("-s")[-1][0] for i in started] == list("001122"), started
+
 def test_a_swept_leaderboard_names_the_sweep_that_produced_its_runs(tmp_path):
     """Every table built from a runs folder a sweep wrote into names that sweep's command (from
     the folder's sweeps.json), whether the sweep or `cfbench leaderboard` builds it; a second
