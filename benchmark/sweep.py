@@ -184,7 +184,6 @@ def finished(cfg: RunConfig, out: Path) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("status") == "ok" else None
 
 
-
 def run_progress(cfg: RunConfig, out: str | Path) -> str:
     """Where an unfinished run of ``out`` stands, in words, from its files alone (nothing is
     loaded but file headers): ``""`` for a run not started; else whether another process holds
@@ -219,6 +218,7 @@ def run_progress(cfg: RunConfig, out: str | Path) -> str:
     if states:
         parts.append("state of " + ", ".join(states))
     return "; ".join(parts)
+
 
 def unfinished_state(grid_path: str | Path, out: str | Path) -> list[Path]:
     """The files that hold the progress of the grid's *started, unfinished* runs in ``out``:
@@ -262,6 +262,7 @@ def unfinished_state(grid_path: str | Path, out: str | Path) -> list[Path]:
         files += sorted(f for f in cache.rglob("*")
                         if keep(f) and f.relative_to(cache).parts[0] not in ("refmodels", "logs"))
     return list(dict.fromkeys(files))
+
 
 # -- one run (the body of a pool worker or a Ray task) ------------------------------------
 
@@ -417,8 +418,9 @@ def _helper_target(running, helping, helped: set[int]) -> Point | None:
 def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[str, ...],
               on_done: Callable[[Point, dict], None], *, helpers: bool = True) -> None:
     """Run ``points`` on a pool of ``workers`` processes, at most ``workers`` at a time, in the
-    order given (the sweep's: seed by seed).  When fewer runs than workers are left (a sweep's tail, or a sweep of one run), each
-    free worker becomes a helper of a running run (:func:`prefetch_jobs`, ``helpers=True``): it
+    order given (the sweep's: seed by seed).  When fewer runs than workers are left (a sweep's
+    tail, or a sweep of one run), each free worker becomes a helper of a running run
+    (:func:`prefetch_jobs`, ``helpers=True``): it
     trains that run's reference models while the run trains its target and runs its other
     evaluators, so no core idles while a run still has independent work."""
     pending = {p.index: p for p in points}
