@@ -420,9 +420,9 @@ def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[
     """Run ``points`` on a pool of ``workers`` processes, at most ``workers`` at a time, in the
     order given (the sweep's: seed by seed).  When fewer runs than workers are left (a sweep's
     tail, or a sweep of one run), each free worker becomes a helper of a running run
-    (:func:`prefetch_jobs`, ``helpers=True``): it
-    trains that run's reference models while the run trains its target and runs its other
-    evaluators, so no core idles while a run still has independent work."""
+    (:func:`prefetch_jobs`, ``helpers=True``): it trains that run's reference models while the
+    run trains its target and runs its other evaluators, so no core idles while a run still has
+    independent work."""
     pending = {p.index: p for p in points}
     restarts = 0
     while pending:
