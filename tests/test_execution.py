@@ -313,6 +313,35 @@ def test_a_swept_leaderboard_names_the_sweep_that_produced_its_runs(tmp_path):
     assert any(SWEEPS_FILE in str(w.message) and "unreadable" in str(w.message) for w in caught)
 
 
+def test_a_table_built_while_its_sweep_is_unfinished_says_how_far_it_is(tmp_path):
+    """A table whose sweep has runs without a finished record names the count next to the
+    sweep's command in every format; once they are finished (or for a finished sweep) the
+    command stands alone, and the JSON round-trips the count."""
+    from cfbench.present.leaderboard import Leaderboard, build, record_sweep
+    from cfbench.present.writers import to_csv, to_html, to_json_obj, to_latex, to_markdown
+    from cfbench.sweep import sweep_command
+
+    text = GRID.replace('"defense.steps" = 2\n', "").replace('defense = ["erm", "pgd-at"]', 'defense = "erm"')
+    g = _grid(tmp_path, text)
+    out = tmp_path / "runs"
+    assert main(["sweep", str(g), "--out", str(out), "--workers", "1"]) == 0
+    (lb,) = build(out)
+    cmd = sweep_command(g, out)
+    assert lb.produced_by == [cmd] and lb.sweep_progress == [{"finished": 2, "runs": 2}]
+    assert f"Runs produced by: `{cmd}`\n" in to_markdown(lb) and "runs finished" not in to_csv(lb)
+    # the same grid file grown to three seeds (as a sweep records it when it starts): 2 of 3
+    bigger = [p.cfg.run_id() for p in expand(load_grid(_grid(tmp_path, text.replace("seed = [0, 1]", "seed = [0, 1, 2]"),
+                                                              "big.toml")))]
+    record_sweep(out, str(g), cmd, bigger)
+    (lb,) = build(out)
+    assert lb.sweep_progress == [{"finished": 2, "runs": 3}]
+    note = "(2 of the sweep's 3 runs finished; the table grows as the sweep resumes)"
+    assert f"Runs produced by: `{cmd}` {note}" in to_markdown(lb)
+    for rendered in (to_csv(lb), to_latex(lb), to_html(lb)):
+        assert note in rendered.replace("&#39;", "'"), rendered[:600]
+    again = Leaderboard.from_json(json.loads(json.dumps(to_json_obj(lb))))
+    assert again.sweep_progress == lb.sweep_progress and again.produced_by_text() == lb.produced_by_text()
+
 @pytest.mark.slow
 def test_a_sweep_survives_a_killed_worker(tmp_path):
     """SIGKILL one pool worker in the middle of a run: the sweep restarts the pool, finishes

@@ -369,6 +369,21 @@ class Leaderboard:
     #: the ``cfbench sweep`` commands that produced this table's runs (from the runs folder's
     #: :data:`SWEEPS_FILE`); empty when the runs came from ``cfbench run``
     produced_by: list[str] = field(default_factory=list)
+    #: for each command of :attr:`produced_by` (same order): how many of its grid's runs have a
+    #: finished (ok) record in the runs folder, and how many the grid has -- a table built while
+    #: its sweep is still going says so ("9 of the sweep's 10 runs finished")
+    sweep_progress: list[dict[str, Any]] = field(default_factory=list)
+
+    def produced_by_text(self) -> list[str]:
+        """Each producing sweep command, followed by its progress when the sweep is unfinished."""
+        out = []
+        for i, c in enumerate(self.produced_by):
+            prog = self.sweep_progress[i] if i < len(self.sweep_progress) else None
+            if prog and prog["finished"] < prog["runs"]:
+                c += (f" ({prog['finished']} of the sweep's {prog['runs']} runs finished; "
+                      "the table grows as the sweep resumes)")
+            out.append(c)
+        return out
 
     @property
     def dataset(self) -> str:
@@ -442,7 +457,9 @@ class Leaderboard:
                    include_flagged=bool(obj.get("include_flagged")),
                    defenses=((obj.get("filters") or {}).get("defenses") or None),
                    source_digest=(obj.get("source") or {}).get("digest"),
-                   produced_by=[str(c) for c in obj.get("produced_by") or []])
+                   produced_by=[str(c) for c in obj.get("produced_by") or []],
+                   sweep_progress=[{"finished": int(p["finished"]), "runs": int(p["runs"])}
+                                   for p in obj.get("sweep_progress") or []])
 
     def pareto_text(self) -> str:
         if not self.pareto_axes:
@@ -725,9 +742,13 @@ def build(runs: str | Path = "runs", dataset: str | None = None, *, runs_label: 
         boards.append(aggregate(groups[pid], runs=runs_label or str(runs), excluded=exc,
                                 include_flagged=include_flagged, defenses=defenses))
     sweeps = read_sweeps(runs)
+    finished_ids = {r.get("run_id") for r in load_records(runs, None)[0]} if sweeps else set()
     for lb in boards:
         ids = set(lb.records["run_id"]) if len(lb.records) else set()
-        lb.produced_by = [s["command"] for s in sweeps if ids & set(s["run_ids"])]
+        mine = [s for s in sweeps if ids & set(s["run_ids"])]
+        lb.produced_by = [s["command"] for s in mine]
+        lb.sweep_progress = [{"finished": len(finished_ids & set(s["run_ids"])), "runs": len(set(s["run_ids"]))}
+                             for s in mine]
     return boards
 
 

@@ -119,13 +119,19 @@ def _md_cell(text: Any) -> str:
             .replace("\n", " "))
 
 
+def _progress_md(lb: Leaderboard, i: int) -> str:
+    text = lb.produced_by_text()[i]
+    return f" {text[len(lb.produced_by[i]) + 1:]}" if len(text) > len(lb.produced_by[i]) else ""
+
+
 def to_markdown(lb: Leaderboard, out_dir: str | Path | None = None) -> str:
     """The table as Markdown; with ``out_dir`` (where the file goes), a list of links to each
     row's run reports below it (relative to ``out_dir``, as the HTML table links them)."""
     header, body = display_rows(lb)
     lines = [f"# Leaderboard: {_md_cell(lb.name)}", "",
              f"Rebuild with: `{lb.command}`", ""]
-    lines += [f"Runs produced by: `{c}`" for c in lb.produced_by] + ([""] if lb.produced_by else [])
+    lines += [f"Runs produced by: `{c}`" + _progress_md(lb, i) for i, c in enumerate(lb.produced_by)]
+    lines += [""] if lb.produced_by else []
     lines += [f"Protocol `{lb.protocol_id[:12]}`:", ""]
     lines += [f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in describe_protocol(lb.protocol)]
     lines += ["", "| " + " | ".join(_md_cell(h) for h in header) + " |",
@@ -154,7 +160,7 @@ def _csv_name(col: str) -> str:
 def to_csv(lb: Leaderboard) -> str:
     """CSV (fractions, not percent), headed by ``#`` comment lines: read with
     ``pandas.read_csv(path, comment="#")``."""
-    head = [f"# leaderboard {lb.name}", f"# rebuild: {lb.command}", *(f"# runs produced by: {c}" for c in lb.produced_by),
+    head = [f"# leaderboard {lb.name}", f"# rebuild: {lb.command}", *(f"# runs produced by: {c}" for c in lb.produced_by_text()),
             f"# protocol {lb.protocol_id}: {canonical_json(lb.protocol)}", f"# {lb.pareto_text()}",
             f"# robust accuracy: {lb.robust_source or 'not evaluated'}; "
             f"leakage for the Pareto rank: {lb.leakage_label}"]
@@ -230,6 +236,7 @@ def to_json_obj(lb: Leaderboard) -> dict[str, Any]:
                                      else str(Path(_rel(r["path"], lb.runs)) / RUN_REPORT))})
     return {
         "name": lb.name, "command": lb.command, "produced_by": list(lb.produced_by),
+        "sweep_progress": [dict(p) for p in lb.sweep_progress],
         "protocol_id": lb.protocol_id, "protocol": lb.protocol,
         "filters": {"dataset": lb.dataset, "defenses": lb.defenses},
         "source": {"runs": lb.runs, "digest": lb.source_digest},
@@ -295,7 +302,7 @@ def to_latex(lb: Leaderboard) -> str:
                                label=f"tab:{''.join(c if c.isalnum() else '-' for c in lb.name)}",
                                position="t", position_float="centering", environment="table")
     head = [f"% leaderboard {lb.name} (needs \\usepackage{{booktabs}})", f"% rebuild: {lb.command}",
-            *(f"% runs produced by: {c}" for c in lb.produced_by),
+            *(f"% runs produced by: {c}" for c in lb.produced_by_text()),
             f"% protocol {lb.protocol_id}"]
     return "\n".join(head) + "\n" + body_tex
 
