@@ -18,11 +18,11 @@ test-fast: setup
 bench: setup
 	.venv/bin/python -m pytest benchmarks/ --benchmark-only --benchmark-columns=min,median,max,rounds -q
 
-# The reference leaderboards (VALIDATION.md "Reference leaderboards"): both sweeps one after the
-# other, each resuming where it stopped (finished runs are skipped by hash).  Long on a CPU.
+# The reference leaderboards (VALIDATION.md "Reference leaderboards"): both sweep files in one
+# pool, Fashion-MNIST's runs first (a free worker helps them before a digits run starts), each
+# resuming where it stopped (finished runs are skipped by hash).  Long on a CPU.
 reference: setup
-	OMP_NUM_THREADS=1 .venv/bin/cfbench sweep leaderboards/fashion-mnist_reference.toml --out leaderboards/reference-runs --leaderboards leaderboards
-	OMP_NUM_THREADS=1 .venv/bin/cfbench sweep leaderboards/digits_reference.toml --out leaderboards/reference-runs --leaderboards leaderboards
+	OMP_NUM_THREADS=1 .venv/bin/cfbench sweep leaderboards/fashion-mnist_reference.toml leaderboards/digits_reference.toml --out leaderboards/reference-runs --leaderboards leaderboards
 
 # Stage the unfinished reference runs' progress (run folders, reference models, checkpoints) for
 # a commit, so `make reference` on a clean clone of that commit resumes where this one stopped.

@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="a grid of runs (TOML), locally or on Ray, then its leaderboards",
                         description="Run every point of a grid file (see cfbench.sweep): finished runs are "
                                     "skipped by config hash; a summary table and the leaderboards at the end.")
-    sw.add_argument("grid", help="the grid file (TOML)")
+    sw.add_argument("grid", nargs="+",
+                    help="the grid file (TOML); several run one after the other in one pool of workers "
+                         "(a free worker helps an earlier file's running run before a later file's run starts)")
     sw.add_argument("--out", default="runs", help="directory of run folders; default runs/")
     sw.add_argument("--leaderboards", default=None, help="where the leaderboards go (default OUT/leaderboards)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")

@@ -1,4 +1,5 @@
-"""``cfbench sweep grid.toml``: a grid of runs, executed locally or on Ray, then tabulated.
+"""``cfbench sweep grid.toml [more.toml ...]``: a grid of runs, executed locally or on Ray, then
+tabulated.  Several grid files run one after the other in one pool (:func:`run_local`).
 
 The grid file (TOML)::
 
@@ -53,13 +54,14 @@ with ``tail -f`` and a resumed attempt's lines follow the killed one's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import multiprocessing as mp
 import os
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -83,6 +85,9 @@ class Point:
     label: str
     cfg: RunConfig
     settings: dict[str, Any]
+    #: which grid file of the sweep it comes from (0 for the first): the runs of an earlier grid
+    #: get the free workers' help before a later grid's runs start
+    stage: int = 0
 
 
 def _axis(value: Any) -> list[Any]:
@@ -220,7 +225,7 @@ def run_progress(cfg: RunConfig, out: str | Path) -> str:
     return "; ".join(parts)
 
 
-def unfinished_state(grid_path: str | Path, out: str | Path) -> list[Path]:
+def unfinished_state(grid_path: str | Path | Sequence[str | Path], out: str | Path) -> list[Path]:
     """The files that hold the progress of the grid's *started, unfinished* runs in ``out``:
     every file of such a run's folder (its splits, per-epoch checkpoints, evaluator state such
     as AutoAttack's) and, in the shared cache, every trained or half-trained model of the jobs
@@ -247,7 +252,7 @@ def unfinished_state(grid_path: str | Path, out: str | Path) -> list[Path]:
         return f.is_file() and not f.is_symlink() and not f.name.endswith(LOCK_SUFFIX) and f.name != ERROR
 
     files: list[Path] = []
-    for p in expand(load_grid(grid_path), str(grid_path)):
+    for p in (p for _, pts in expand_files(grid_path) for p in pts):
         run_dir = out / p.cfg.run_id()
         if finished(p.cfg, out) is not None or not run_dir.is_dir():
             continue
@@ -418,11 +423,14 @@ def _helper_target(running, helping, helped: set[int]) -> Point | None:
 def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[str, ...],
               on_done: Callable[[Point, dict], None], *, helpers: bool = True) -> None:
     """Run ``points`` on a pool of ``workers`` processes, at most ``workers`` at a time, in the
-    order given (the sweep's: seed by seed).  When fewer runs than workers are left (a sweep's
-    tail, or a sweep of one run), each free worker becomes a helper of a running run
-    (:func:`prefetch_jobs`, ``helpers=True``): it trains that run's reference models while the
-    run trains its target and runs its other evaluators, so no core idles while a run still has
-    independent work."""
+    order given (the sweep's: grid file by grid file, seed by seed).  When fewer runs than
+    workers are left (a sweep's tail, or a sweep of one run), each free worker becomes a helper
+    of a running run (:func:`prefetch_jobs`, ``helpers=True``): it trains that run's reference
+    models while the run trains its target and runs its other evaluators, so no core idles
+    while a run still has independent work.  Across grid files (``Point.stage``) a free worker
+    helps a running run of an earlier file first and starts the next file's run once that
+    helper comes back with nothing left to train: the earlier file finishes first, and no core
+    waits for its tail."""
     pending = {p.index: p for p in points}
     restarts = 0
     while pending:
@@ -433,16 +441,18 @@ def run_local(points: list[Point], out: Path, workers: int, plugin_files: tuple[
         helped: set[int] = set()     # runs whose helper came back: nothing free was left to train
 
         def fill() -> None:
-            while queue and len(runs) + len(helping) < workers:
-                p = queue.pop(0)
-                runs[pool.submit(run_point, p.cfg, str(out), plugin_files)] = p
-            if not helpers:
-                return
             while len(runs) + len(helping) < workers:
-                p = _helper_target(runs.values(), helping.values(), helped)
-                if p is None:
+                # a free worker helps a running run of an earlier grid file before it starts a
+                # later file's run (one file: only in the tail, when no run waits to start)
+                earlier = [q for q in runs.values() if not queue or q.stage < queue[0].stage]
+                p = _helper_target(earlier, helping.values(), helped) if helpers else None
+                if p is not None:
+                    helping[pool.submit(prefetch_jobs, p.cfg, str(out), plugin_files)] = p
+                elif queue:
+                    p = queue.pop(0)
+                    runs[pool.submit(run_point, p.cfg, str(out), plugin_files)] = p
+                else:
                     return
-                helping[pool.submit(prefetch_jobs, p.cfg, str(out), plugin_files)] = p
 
         broken = False
         try:
@@ -569,9 +579,28 @@ def sweep_command(grid_path: str | Path, out: str | Path, leaderboards: str | Pa
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "local", workers: int | None = None,
-          address: str | None = None, leaderboards: str | Path | None = None, dry_run: bool = False,
-          log=print) -> list[tuple[Point, dict]]:
+def expand_files(grid_paths: str | Path | Sequence[str | Path]) -> list[tuple[str, list[Point]]]:
+    """Each grid file with its points, every point numbered across the files and tagged with its
+    file's position (``Point.stage``); every file is resolved before anything starts (a bad
+    one is a :class:`UsageError` naming it)."""
+    paths = [grid_paths] if isinstance(grid_paths, (str, Path)) else list(grid_paths)
+    if not paths:
+        raise UsageError("no grid file given.")
+    out, n = [], 0
+    for stage, path in enumerate(paths):
+        pts = [dataclasses.replace(p, index=n + i, stage=stage)
+               for i, p in enumerate(expand(load_grid(path), str(path)))]
+        n += len(pts)
+        out.append((str(path), pts))
+    return out
+
+
+def sweep(grid_path: str | Path | Sequence[str | Path], *, out: str | Path = "runs", executor: str = "local",
+          workers: int | None = None, address: str | None = None, leaderboards: str | Path | None = None,
+          dry_run: bool = False, log=print) -> list[tuple[Point, dict]]:
+    """Run the grid file ``grid_path`` -- or several, one after the other in one pool of
+    workers (a later file's runs start once the earlier files' runs are all started and their
+    free reference models claimed, see :func:`run_local`) -- and build the leaderboards."""
     from .execution.local import EXECUTORS, default_workers
     from .registry import plugin_files
 
@@ -587,7 +616,11 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
         if address is not None:
             check_address(address)
     out = Path(out)
-    points = expand(load_grid(grid_path), str(grid_path))
+    files = expand_files(grid_path)
+    seen: set[str] = set()
+    points = []
+    for _, pts in files:     # a run two files share runs once, with the first file
+        points += [p for p in pts if not (p.cfg.run_id() in seen or seen.add(p.cfg.run_id()))]
     todo, rows = [], []
     for p in points:
         rec = finished(p.cfg, out)
@@ -599,8 +632,9 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
     # seed by seed: every recipe's first seed starts before any recipe's second, so a sweep
     # stopped part-way (a session, a budget) holds every recipe once rather than a few recipes
     # three times; grid order within a seed (a stable sort)
-    todo.sort(key=lambda p: p.cfg.seed)
-    log(f"cfbench sweep: {len(points)} runs in the grid, {len(rows)} already finished, {len(todo)} to run "
+    todo.sort(key=lambda p: (p.stage, p.cfg.seed))
+    log(f"cfbench sweep: {len(points)} runs in the grid" + (f"s ({len(files)} files)" if len(files) > 1 else "")
+        + f", {len(rows)} already finished, {len(todo)} to run "
         f"({executor}" + (_n_workers(workers or default_workers()) if executor == "local" else "") + ")")
     if dry_run:
         for p in todo:
@@ -610,8 +644,8 @@ def sweep(grid_path: str | Path, *, out: str | Path = "runs", executor: str = "l
     from .present.leaderboard import record_sweep
     from .progress import Progress, is_terminal
 
-    record_sweep(out, str(grid_path), sweep_command(grid_path, out, leaderboards),
-                 [p.cfg.run_id() for p in points])
+    for path, pts in files:  # each file is its own entry: the command that reproduces its rows
+        record_sweep(out, path, sweep_command(path, out, leaderboards), [p.cfg.run_id() for p in pts])
     # a terminal: a bar with k/K and an ETA, each finished run written above it; a log file:
     # one timestamped line per finished run with the overall k/K, elapsed time and ETA
     bar = Progress(len(todo), "sweep", "run", enabled=bool(todo))

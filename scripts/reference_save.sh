@@ -4,9 +4,10 @@
 #
 # Staged: every file `cfbench sweep GRID --list-state` names (the started, unfinished runs'
 # folders, their reference models and half-trained checkpoints, the cache's derived entries;
-# these paths are git-ignored, hence -f), and every change under leaderboards/reference-runs (finished runs' folders, the
-# deletion of checkpoints a finished run removed).  Unstaged (kept on disk): cache files staged
-# by an earlier save that no unfinished run needs any more (a finished run's reference pool).
+# these paths are git-ignored, hence -f), and every change under leaderboards/reference-runs
+# (finished runs' folders, the deletion of checkpoints a finished run removed).  Unstaged (kept
+# on disk): cache files staged by an earlier save that no unfinished run needs any more (a
+# finished run's reference pool).
 # Nothing is committed: review `git status` and commit.
 set -euo pipefail
 cd "$(dirname "$0")/.."

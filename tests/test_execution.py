@@ -786,6 +786,57 @@ def test_run_local_sends_free_workers_to_help_running_runs_only_in_the_tail(tmp_
     assert fake.events == [("run", "r0")]
 
 
+def test_run_local_helps_an_earlier_grid_files_run_before_starting_a_later_files(tmp_path, monkeypatch):
+    """Two grid files in one pool (stages 0 and 1): the free worker first helps the running run
+    of file 0, and starts file 1's runs once that helper comes back; within one file nothing
+    changes (a helper only in the tail)."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cfbench.sweep as S
+
+    fake = _FakeTasks({"r0": 1.0, "r1": 0.2, "r2": 0.2})
+    monkeypatch.setattr(S, "run_point", fake.run)
+    monkeypatch.setattr(S, "prefetch_jobs", fake.help)
+    monkeypatch.setattr(S, "_pool", lambda workers, plugins: ThreadPoolExecutor(max_workers=workers))
+    points = [dataclasses.replace(p, stage=0 if p.label == "r0" else 1) for p in fake.points()]
+    done = []
+    S.run_local(points, tmp_path, 2, (), lambda p, res: done.append(res["run_id"]))
+    assert sorted(done) == ["r0", "r1", "r2"] and fake.bad == [] and fake.peak <= 2
+    assert fake.events[:3] == [("run", "r0"), ("help", "r0"), ("run", "r1")], fake.events
+    assert fake.events.count(("help", "r0")) == 1 and ("run", "r2") in fake.events
+
+
+def test_a_sweep_of_two_grid_files_runs_the_first_files_runs_first_and_records_each_file(tmp_path, capsys):
+    """`cfbench sweep A.toml B.toml`: every file is checked before anything starts; A's runs
+    start before B's (seed by seed within each); a run both files name runs once; sweeps.json
+    gets one entry per file, with that file's own command and run ids."""
+    from cfbench.present.leaderboard import read_sweeps
+    from cfbench.sweep import sweep_command
+
+    text = GRID.replace('"defense.steps" = 2\n', "").replace('defense = ["erm", "pgd-at"]', 'defense = "erm"')
+    a = _grid(tmp_path, text.replace("seed = [0, 1]", "seed = 1"), "a.toml")
+    b = _grid(tmp_path, text, "b.toml")                       # seeds 0 and 1: seed 1 is a's run too
+    out = tmp_path / "runs"
+    bad = _grid(tmp_path, text.replace('defense = "erm"', 'defense = "ermm"'), "bad.toml")
+    assert main(["sweep", str(a), str(bad), "--out", str(out), "--workers", "1"]) == 2
+    assert "unknown defense 'ermm'" in capsys.readouterr().err and not out.exists()
+    assert main(["sweep", str(a), str(b), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    started = [ln.split()[2] for ln in printed.splitlines() if "would run" in ln]
+    ids_a = [p.cfg.run_id() for p in expand(load_grid(a))]
+    ids_b = [p.cfg.run_id() for p in expand(load_grid(b))]
+    assert "2 runs in the grids (2 files)" in printed
+    assert started == ids_a + [i for i in ids_b if i not in ids_a] and len(set(ids_a + ids_b)) == 2
+    assert main(["sweep", str(a), str(b), "--out", str(out), "--workers", "2"]) == 0
+    capsys.readouterr()
+    assert len(list(out.glob("*/record.json"))) == 2
+    entries = {e["grid"]: e for e in read_sweeps(out)}
+    assert entries[str(a)] == {"grid": str(a), "command": sweep_command(a, out), "run_ids": sorted(ids_a)}
+    assert entries[str(b)] == {"grid": str(b), "command": sweep_command(b, out), "run_ids": sorted(ids_b)}
+    assert main(["sweep", str(b), "--out", str(out), "--list-state"]) == 0
+    assert capsys.readouterr().out == ""
+
 def test_run_ray_sends_free_cpus_to_help_running_runs_only_in_the_tail(tmp_path, monkeypatch):
     """The same on the Ray path (a fake Ray of 2 CPUs: all runs are submitted at once, Ray runs
     two); helpers still going at the end are cancelled."""
