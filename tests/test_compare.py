@@ -42,8 +42,9 @@ def test_paired_bootstrap_is_centred_on_the_difference_and_narrower_than_unpaire
 
 
 def test_compare_command_on_two_runs(tmp_path, capsys):
-    common = ["--dataset", "digits", "--evaluators", "clean,mia", "--quiet", "--set", "epochs=2",
-              "--set", "mia.reference_models=2", "--set", "data.pool_size=200", "--out", str(tmp_path)]
+    common = ["--dataset", "digits", "--evaluators", "clean,pgd,autoattack,mia", "--quiet", "--set", "epochs=2",
+              "--set", "mia.reference_models=2", "--set", "data.pool_size=200", "--set", "pgd.n_examples=48",
+              "--set", "pgd.steps=3", "--set", "autoattack.n_examples=24", "--out", str(tmp_path)]
     assert main(["run", "--defense", "erm", *common]) == 0
     assert main(["run", "--defense", "erm", "--seed", "1", *common]) == 0
     a, b = sorted(p.name for p in tmp_path.glob("digits-erm-*"))
@@ -58,5 +59,14 @@ def test_compare_command_on_two_runs(tmp_path, capsys):
     assert rows["clean.accuracy"]["diff"] == pytest.approx(
         rb["metrics"]["clean.accuracy"]["value"] - ra["metrics"]["clean.accuracy"]["value"])
     assert any(k.endswith(".auc") for k in rows)
+    # the robust outcomes are stored per attacked example, so robust accuracy is paired too
+    for metric, key, n in (("robust.pgd.accuracy", "robust.pgd.robust", 48),
+                           ("robust.autoattack.accuracy", "robust.autoattack.robust", 24)):
+        for x, r in ((a, ra), (b, rb)):
+            flags = np.load(tmp_path / x / "per_example.npz")[key]
+            assert flags.dtype == bool and flags.shape == (n,)
+            assert flags.mean() == pytest.approx(r["metrics"][metric]["value"])
+        assert rows[metric]["how"].startswith("paired bootstrap"), rows[metric]
+        assert rows[metric]["diff"] == pytest.approx(rb["metrics"][metric]["value"] - ra["metrics"][metric]["value"])
     assert main(["compare", "--runs", str(tmp_path), a]) == 2          # one run: a usage error
     assert main(["compare", "--runs", str(tmp_path), a, "nope"]) == 2

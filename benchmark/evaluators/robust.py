@@ -164,6 +164,8 @@ class PGDRobustness(Evaluator):
         ctx.shared["robust.pgd"] = {"robust": robust, "n": n, "norm": ctx.threat.norm, "eps": ctx.threat.eps,
                                     "params": P.to_dict(p), "eot": eot}
         res.metrics["robust.pgd.accuracy"] = proportion(int(robust.sum()), n)
+        # per attacked example (the first n of the test split), for paired comparisons (cfbench compare)
+        res.per_example["robust.pgd.robust"] = torch.as_tensor(robust).bool().cpu().numpy()
         res.metrics["robust.pgd.n"] = n
         res.notes["robust.pgd"] = {"steps": p.steps, "restarts": p.restarts,
                                    "step_size": default_step_size(ctx.threat.eps, p.steps, p.step_size),
@@ -333,6 +335,7 @@ class AutoAttackRobustness(Evaluator):
             logger.propagate = old_prop
         robust = int(state["robust"].sum())
         res.metrics["robust.autoattack.accuracy"] = proportion(robust, n)
+        res.per_example["robust.autoattack.robust"] = state["robust"].bool().cpu().numpy()
         for attack in attacks:
             res.metrics[f"robust.autoattack.after.{attack}"] = state["acc"][attack]
         # each call repeats the package's checks on its subset: keep every distinct message once
