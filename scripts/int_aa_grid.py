@@ -8,7 +8,9 @@ about larger radii, where the ``interpretation`` evaluator's grid uses the paper
 evaluated model (``cfbench.load_model``) and runs pyautoattack's standard AutoAttack at the given
 radii on the same first ``n_examples`` test images (optionally only the runs of one ``model``, e.g.
 ``gap-cnn`` for the Fashion-MNIST reference leaderboard's Int row), printing a markdown table (robust accuracy
-%, Clopper-Pearson 95% interval) and writing ``<root>/aa_grid_<dataset>.json``.
+%, Clopper-Pearson 95% interval) and writing ``<root>/aa_grid_<dataset>.json`` (with each run's
+per-example outcomes as a 0/1 string, ``robust_flags``, for paired differences between runs on
+the same images).
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def main(argv):
             adv = AutoAttack(model, norm=c["threat"]["norm"], eps=eps, version="standard", device="cpu", seed=c["seed"])
             xa, _ = adv.run_standard_evaluation(x.clone(), y.clone(), batch_size=250)
             with torch.no_grad():
-                robust = int((model(xa).argmax(1) == y).sum())
-            row[f"{eps:g}"] = {**proportion(robust, n), "seconds": time.perf_counter() - t0}
+                flags = (model(xa).argmax(1) == y)
+            robust = int(flags.sum())
+            # per example (0/1, the first n test images): paired comparisons between runs later
+            row[f"{eps:g}"] = {**proportion(robust, n), "seconds": time.perf_counter() - t0,
+                               "robust_flags": "".join("1" if f else "0" for f in flags.tolist())}
         out[f"{name} s{c['seed']} (trained at {c['threat']['eps']:g})"] = row
         print(f"{name} s{c['seed']} eps {c['threat']['eps']:g}: " + ", ".join(f"{k}: {100 * v['value']:.1f}%" for k, v in row.items()),
               file=sys.stderr)
