@@ -189,6 +189,16 @@ def finished(cfg: RunConfig, out: Path) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("status") == "ok" else None
 
 
+def _declared_paths(cfg: RunConfig, out: Path) -> list[Path]:
+    """The cache paths of the jobs (membership reference models) run ``cfg`` declares in a
+    sweep into ``out``: what ``run_progress`` counts and ``unfinished_state`` lists."""
+    from .runner import declared_jobs
+    from .store import CACHE_DIR
+    from .training.recipe import load_data
+
+    return [Path(j.path) for j in declared_jobs(cfg, load_data(cfg), Path(out) / CACHE_DIR)]
+
+
 def run_progress(cfg: RunConfig, out: str | Path) -> str:
     """Where an unfinished run of ``out`` stands, in words, from its files alone (nothing is
     loaded but file headers): ``""`` for a run not started; else whether another process holds
@@ -196,13 +206,10 @@ def run_progress(cfg: RunConfig, out: str | Path) -> str:
     last checkpoint), how many of its declared reference models are trained (and how many
     half-trained), and which evaluators left resumable state.  ``--dry-run`` prints it next
     to each run it would start, so a sweep that spans sessions shows what a resume reuses."""
-    from .runner import declared_jobs
-    from .store import CACHE_DIR
     from .store.io import is_locked
     from .store.lifecycle import CHECKPOINTS, EVAL_STATE_SUFFIX, eval_state_files, run_lock_path
     from .store.record import MODEL
     from .training.checkpoint import CKPT_NAME, checkpoint_meta
-    from .training.recipe import load_data
 
     out = Path(out)
     run_dir = out / cfg.run_id()
@@ -214,7 +221,7 @@ def run_progress(cfg: RunConfig, out: str | Path) -> str:
     else:
         meta, _ = checkpoint_meta(run_dir / CHECKPOINTS / CKPT_NAME)
         parts.append(f"target at epoch {meta['epoch']}/{cfg.train.epochs}" if meta else "target not trained")
-    jobs = [Path(j.path) for j in declared_jobs(cfg, load_data(cfg), out / CACHE_DIR)]
+    jobs = _declared_paths(cfg, out)
     if jobs:
         done = sum(p.is_file() for p in jobs)
         half = sum(not p.is_file() and (p.with_suffix(".ckpt") / CKPT_NAME).is_file() for p in jobs)
@@ -240,11 +247,9 @@ def unfinished_state(grid_path: str | Path | Sequence[str | Path], out: str | Pa
     of its working copy (a session, a preemptible machine) can carry its progress in version
     control (``git add -f``; these paths are ignored by default) and resume from a clean
     clone: every listed file is one a resumed run reads instead of recomputing."""
-    from .runner import declared_jobs
     from .store import CACHE_DIR
     from .store.io import LOCK_SUFFIX
     from .store.lifecycle import ERROR
-    from .training.recipe import load_data
 
     out = Path(out)
 
@@ -257,8 +262,7 @@ def unfinished_state(grid_path: str | Path | Sequence[str | Path], out: str | Pa
         if finished(p.cfg, out) is not None or not run_dir.is_dir():
             continue
         files += sorted(f for f in run_dir.rglob("*") if keep(f))
-        for job in declared_jobs(p.cfg, load_data(p.cfg), out / CACHE_DIR):
-            path = Path(job.path)
+        for path in _declared_paths(p.cfg, out):
             files += [path] if keep(path) else []
             ckpt = path.with_suffix(".ckpt")
             files += sorted(f for f in ckpt.rglob("*") if keep(f)) if ckpt.is_dir() else []
