@@ -233,15 +233,17 @@ def run_progress(cfg: RunConfig, out: str | Path) -> str:
 
 
 def unfinished_state(grid_path: str | Path | Sequence[str | Path], out: str | Path) -> list[Path]:
-    """The files that hold the progress of the grid's *started, unfinished* runs in ``out``:
-    every file of such a run's folder (its splits, per-epoch checkpoints, evaluator state such
-    as AutoAttack's) and, in the shared cache, every trained or half-trained model of the jobs
-    it declares (the membership reference models and their ``<i>.ckpt/`` checkpoints), and --
-    if any run is unfinished -- the cache's derived entries outside ``refmodels/`` and ``logs/``
-    (MIA signals, inversion networks, counterfactual generators): all of them, since no file
-    names the run it serves, and they are small next to a pool.  Lock files, ``error.txt``
-    and finished runs' folders and pools are excluded; each path once, in grid order, the
-    derived entries last.
+    """The files that hold the progress of the grid's *unfinished* runs in ``out``: every file
+    of a started run's folder (its splits, per-epoch checkpoints, evaluator state such as
+    AutoAttack's) and, in the shared cache, every trained or half-trained model of the jobs an
+    unfinished run declares, started or not (the membership reference models and their
+    ``<i>.ckpt/`` checkpoints: a pool trained by seed 0 of a recipe is the pool its seeds 1
+    and 2 read, so it is kept until every run that declares it has finished), and -- if any
+    file is listed -- the cache's derived entries outside ``refmodels/`` and ``logs/`` (MIA
+    signals, inversion networks, counterfactual generators): all of them, since no file names
+    the run it serves, and they are small next to a pool.  Lock files, ``error.txt``,
+    finished runs' folders and pools only finished runs declare are excluded; each path once,
+    in grid order, the derived entries last.
 
     ``cfbench sweep GRID --out OUT --list-state`` prints them, so a sweep longer than the life
     of its working copy (a session, a preemptible machine) can carry its progress in version
@@ -259,9 +261,9 @@ def unfinished_state(grid_path: str | Path | Sequence[str | Path], out: str | Pa
     files: list[Path] = []
     for p in (p for _, pts in expand_files(grid_path) for p in pts):
         run_dir = out / p.cfg.run_id()
-        if finished(p.cfg, out) is not None or not run_dir.is_dir():
+        if finished(p.cfg, out) is not None:
             continue
-        files += sorted(f for f in run_dir.rglob("*") if keep(f))
+        files += sorted(f for f in run_dir.rglob("*") if keep(f)) if run_dir.is_dir() else []
         for path in _declared_paths(p.cfg, out):
             files += [path] if keep(path) else []
             ckpt = path.with_suffix(".ckpt")

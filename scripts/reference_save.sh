@@ -3,11 +3,12 @@
 # than its working copy's life (a session, a preemptible machine) resumes from a clean clone.
 #
 # Staged: every file `cfbench sweep GRID --list-state` names (the started, unfinished runs'
-# folders, their reference models and half-trained checkpoints, the cache's derived entries;
-# these paths are git-ignored, hence -f), and every change under leaderboards/reference-runs
-# (finished runs' folders, the deletion of checkpoints a finished run removed).  Unstaged (kept
-# on disk): cache files staged by an earlier save that no unfinished run needs any more (a
-# finished run's reference pool).
+# folders; the reference models and half-trained checkpoints of every unfinished run, started
+# or not -- the pool seed 0 of a recipe trained is the one its seeds 1 and 2 read; the cache's
+# derived entries; these paths are git-ignored, hence -f), and every change under
+# leaderboards/reference-runs (finished runs' folders, the deletion of checkpoints a finished
+# run removed).  Unstaged (kept on disk): cache files staged by an earlier save that no
+# unfinished run needs any more (a pool whose every run has finished).
 # Nothing is committed: review `git status` and commit.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -509,10 +509,11 @@ def test_list_state_names_what_an_unfinished_run_resumes_from_and_a_clean_copy_r
                                                                                        monkeypatch):
     """`cfbench sweep GRID --list-state` prints every file of the started, unfinished runs (run
     folder, its declared reference models, their half-trained checkpoints), no lock and nothing
-    of a finished or an unstarted run.  A fresh store holding only the finished run and the
-    listed files -- a clean clone of a commit of them -- resumes the run: its reference models
-    are taken from the cache, its target from its checkpoint, and its metrics equal those of
-    an uninterrupted run."""
+    of a finished run's folder; the reference pool a finished seed trained stays listed while
+    an unstarted seed of the recipe declares it (it is what that seed reads), and not after.
+    A fresh store holding only the finished run and the listed files -- a clean clone of a
+    commit of them -- resumes the run: its reference models are taken from the cache, its
+    target from its checkpoint, and its metrics equal those of an uninterrupted run."""
     import shutil
 
     from cfbench.evaluators.mia import MembershipInference
@@ -522,6 +523,12 @@ def test_list_state_names_what_an_unfinished_run_resumes_from_and_a_clean_copy_r
     done, cut, unstarted = [p.cfg for p in expand(load_grid(g))]
     out = tmp_path / "runs"
     assert execute(done, out, progress=False).record["status"] == "ok"
+    jobs = [Path(j.path) for j in XR.reference_jobs(cut, load_data(cut), 2, out / "_cache")]
+    derived = sorted((out / "_cache" / "signals").glob("*"))  # MIA signals (of the finished run)
+    assert derived and all(p.is_file() for p in [*jobs, *derived])
+    # seed 0 finished, seeds 1 and 2 not started: the pool they share (and seed 0 trained) is listed
+    assert main(["sweep", str(g), "--out", str(out), "--list-state"]) == 0
+    assert [Path(line) for line in capsys.readouterr().out.splitlines()] == [*jobs, *derived]
     real = MembershipInference.evaluate
 
     def killed(self, ctx):
@@ -533,14 +540,10 @@ def test_list_state_names_what_an_unfinished_run_resumes_from_and_a_clean_copy_r
     monkeypatch.setattr(MembershipInference, "evaluate", real)
     cut_dir = out / cut.run_id()
     assert not (cut_dir / "record.json").exists() and (cut_dir / "checkpoints").is_dir()
-    jobs = [Path(j.path) for j in XR.reference_jobs(cut, load_data(cut), 2, out / "_cache")]
-    assert all(p.is_file() for p in jobs)
     planted = jobs[1].with_suffix(".ckpt") / "last.safetensors"   # a reference model killed mid-training
     planted.parent.mkdir()
     shutil.copy(jobs[1], planted)
     (planted.parent / ".last.safetensors.lock").touch()
-    derived = sorted((out / "_cache" / "signals").glob("*"))  # MIA signals (of the finished run)
-    assert derived and all(p.is_file() for p in derived)
 
     assert main(["sweep", str(g), "--out", str(out), "--list-state"]) == 0
     listed = [Path(line) for line in capsys.readouterr().out.splitlines()]
@@ -579,7 +582,14 @@ def test_list_state_names_what_an_unfinished_run_resumes_from_and_a_clean_copy_r
     assert sorted(j["executor"] for j in resumed["jobs"]) == ["local:cached"] * 2
     assert "resumed_from_epoch" in json.dumps(resumed["notes"])
     assert main(["sweep", str(g), "--out", str(fresh), "--list-state"]) == 0
-    assert capsys.readouterr().out == ""          # nothing started is unfinished any more
+    left = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    fresh_derived = sorted((fresh / "_cache" / "signals").glob("*"))
+    # nothing started is unfinished any more; the unstarted seed 2 still reads the pool
+    assert left == [fresh / p.relative_to(out) for p in jobs] + fresh_derived, left
+    assert main(["sweep", str(g), "--out", str(fresh), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(g), "--out", str(fresh), "--list-state"]) == 0
+    assert capsys.readouterr().out == ""          # every run finished: nothing to carry
 
 
 def test_a_cached_model_of_another_subset_is_retrained_and_recorded_in_process(tmp_path):
