@@ -30,6 +30,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mia_split as MS  # noqa: E402
+
 #: inversion settings that only choose which networks a run trains (runs differing in them join)
 SELECTION = ("explanations", "architectures", "attention_transfer", "n_examples")
 
@@ -41,19 +44,8 @@ ARCH_LABEL = {"flatten": "(e) flatten", "unet": "(f) unet", "expmi": "(g) expmi"
 
 
 def load(folder: Path, dataset: str):
-    runs = []
-    for rec in sorted(folder.glob("*/record.json")):
-        try:
-            r = json.loads(rec.read_text())
-        except (OSError, ValueError) as exc:
-            print(f"skipping {rec}: {exc}", file=sys.stderr)
-            continue
-        ds = r.get("config", {}).get("dataset")
-        if r.get("status") != "ok" or (ds.get("name") if isinstance(ds, dict) else ds) != dataset:
-            continue
-        if not any(k.startswith("inversion.") for k in r.get("metrics", {})):
-            continue
-        runs.append(r)
+    runs = [r for _, r in MS.finished_records(folder, dataset)
+            if any(k.startswith("inversion.") for k in r.get("metrics", {}))]
     key = lambda r: (DEFENSE_ORDER.index(defense(r)) if defense(r) in DEFENSE_ORDER else 99, r["run_id"])
     return join(sorted(runs, key=key), folder)
 

@@ -25,6 +25,24 @@ import numpy as np
 from cfbench.mia import metrics as M
 
 
+def finished_records(folder: Path, dataset: str) -> list[tuple[Path, dict]]:
+    """``(run folder, record)`` of every finished (status ok) run of ``dataset`` in ``folder``,
+    in folder order; an unreadable record is reported on stderr and skipped."""
+    import sys
+
+    runs = []
+    for f in sorted(Path(folder).glob("*/record.json")):
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"skipping {f}: {exc}", file=sys.stderr)
+            continue
+        ds = r.get("config", {}).get("dataset")
+        if r.get("status") == "ok" and (ds.get("name") if isinstance(ds, dict) else ds) == dataset:
+            runs.append((f.parent, r))
+    return runs
+
+
 def load(run: Path):
     rec = json.loads((run / "record.json").read_text())
     return rec, np.load(run / "mia_scores.npz")

@@ -53,15 +53,7 @@ def recipe_of(rec, varying: set[str]) -> str:
 
 
 def load_runs(root: Path, dataset: str):
-    runs = []
-    for f in sorted(root.glob("*/record.json")):
-        try:
-            rec = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            print(f"skipped {f}: {e}", file=sys.stderr)
-            continue
-        if rec.get("status") == "ok" and rec["config"]["dataset"]["name"] == dataset:
-            runs.append((f.parent, rec))
+    runs = MS.finished_records(root, dataset)
     # which defense settings vary within a defense on one model (they name the recipe)
     seen = defaultdict(lambda: defaultdict(set))
     for _, rec in runs:
