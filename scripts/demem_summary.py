@@ -45,17 +45,7 @@ def variant(rec) -> str:
     return d["name"]
 
 
-def value(m, key):
-    v = m.get(key)
-    return v.get("value") if isinstance(v, dict) else v
-
-
-def fmt(xs, k=100, nd=1):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    sd = np.std(xs, ddof=1) if len(xs) > 1 else 0.0
-    return f"{k * np.mean(xs):.{nd}f} ± {k * sd:.{nd}f}"
+value, fmt = MS.value, MS.fmt_mean_sd
 
 
 def groups_of(root: Path):

@@ -43,6 +43,21 @@ def finished_records(folder: Path, dataset: str) -> list[tuple[Path, dict]]:
     return runs
 
 
+def value(m, key):
+    """The value of a record's metric ``key`` (a ``{"value": ...}`` entry or a bare number)."""
+    v = m.get(key)
+    return v.get("value") if isinstance(v, dict) else v
+
+
+def fmt_mean_sd(xs, k=100, nd=1) -> str:
+    """``mean ± sample std`` of ``xs`` (Nones dropped) scaled by ``k``; "n/a" if empty."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    sd = np.std(xs, ddof=1) if len(xs) > 1 else 0.0
+    return f"{k * np.mean(xs):.{nd}f} ± {k * sd:.{nd}f}"
+
+
 def load(run: Path):
     rec = json.loads((run / "record.json").read_text())
     return rec, np.load(run / "mia_scores.npz")

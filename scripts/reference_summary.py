@@ -38,12 +38,10 @@ import mia_split as MS  # noqa: E402
 FPRS = (0.01, 0.001)
 
 
-def value(m, key):
-    v = m.get(key)
-    return v.get("value") if isinstance(v, dict) else v
+value, ms = MS.value, MS.fmt_mean_sd
 
 
-def recipe_of(rec, varying: set[str]) -> str:
+def recipe_of(rec, varying: dict) -> str:
     c = rec["config"]
     d = c["defense"]
     extra = ", ".join(f"{k}={d['params'][k]:g}" if isinstance(d["params"][k], float) else f"{k}={d['params'][k]}"
@@ -69,14 +67,6 @@ def load_runs(root: Path, dataset: str):
 
 def seed_of(rec) -> int:
     return rec["config"].get("seed", 0)
-
-
-def ms(xs, k=100.0, nd=1) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    sd = np.std(xs, ddof=1) if len(xs) > 1 else 0.0
-    return f"{k * np.mean(xs):.{nd}f} ± {k * sd:.{nd}f}"
 
 
 def paired(a: dict, b: dict, key: str, k=100.0, nd=1) -> str:
