@@ -282,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--leaderboards", default=None, help="where the leaderboards go (default OUT/leaderboards)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")
     sw.add_argument("--list-state", action="store_true",
-                    help="print the files that hold the started, unfinished runs' progress (run folders, "
-                         "reference models and their checkpoints; no locks), one per line, start nothing: "
+                    help="print the files that hold the unfinished runs' progress (started runs' folders; "
+                         "the reference models and their checkpoints of every unfinished run, started or not; "
+                         "no locks), one per line, start nothing: "
                          "commit them (git add -f) to resume the sweep from a clean clone")
     add_executor_options(sw, what="the runs (one process or Ray task per run)")
     sw.set_defaults(func=cmd_sweep)
