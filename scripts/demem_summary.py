@@ -1,9 +1,12 @@
 """Tables of the DeMem evidence (docs/demem.md, issue 19) from the run records of a folder.
 
-    .venv/bin/python scripts/demem_summary.py RUNS_DIR [--gaps]
+    .venv/bin/python scripts/demem_summary.py RUNS_DIR [DATASET] [--gaps]
 
-Runs: pgd-at and demem (version 2) of one dataset (other runs in the folder, e.g. cf-at, are
-skipped), grouped by recipe (defense + the settings that differ), several seeds each.
+Runs: finished pgd-at and demem (version 2) runs of one dataset (other defenses in the folder,
+e.g. cf-at, are skipped), grouped by recipe (model + defense + DeMem's settings), several seeds
+each. DATASET may be left out when the folder holds one dataset; a folder with several (the
+reference leaderboards' ``leaderboards/reference-runs``) needs it -- recipes of different
+datasets or models are never pooled.
 
 1. Per recipe, mean +- sample std over seeds (from the records): clean and AutoAttack
    accuracy, the ``mia`` evaluator's **pooled primary attack** (RMIA online over the target +
@@ -36,32 +39,62 @@ FPRS = (0.05, 0.01, 0.005)
 DEFENSES = ("pgd-at", "demem")
 
 
-def variant(rec) -> str:
+def variant(rec, models=frozenset()) -> str:
+    """Recipe name; prefixed with the model when the runs use more than one."""
     d = rec["config"]["defense"]
+    name = d["name"]
     if d["name"] == "demem":
         p = d["params"]
         lv = p["level"] if isinstance(p["level"], str) else f"{p['level']:g}"
-        return f"demem (select={p['select']}, risk={p['risk']}, level={lv})"
-    return d["name"]
+        name = f"demem (select={p['select']}, risk={p['risk']}, level={lv})"
+    return f"{rec['config']['model']['name']} / {name}" if len(models) > 1 else name
+
+
+def dataset_of(rec):
+    ds = rec.get("config", {}).get("dataset")
+    return ds.get("name") if isinstance(ds, dict) else ds
 
 
 value, fmt = MS.value, MS.fmt_mean_sd
 
 
-def groups_of(root: Path):
-    groups = defaultdict(list)
+def groups_of(root: Path, dataset: str | None = None):
+    """Recipe -> [(record, run folder)] of the finished pgd-at / demem runs with MIA scores.
+    ValueError (naming the datasets found) when ``dataset`` is None and the folder mixes several."""
+    found = []
     for f in sorted(root.glob("*/record.json")):
-        rec = json.loads(f.read_text())
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"skipping {f}: {exc}", file=sys.stderr)
+            continue
         if rec.get("status") == "ok" and rec["config"]["defense"]["name"] in DEFENSES \
                 and (f.parent / "mia_scores.npz").exists():
-            groups[variant(rec)].append((rec, f.parent))
+            found.append((rec, f.parent))
+    datasets = sorted({dataset_of(r) for r, _ in found})
+    if dataset is None and len(datasets) > 1:
+        raise ValueError(f"{root} holds pgd-at/demem runs of several datasets ({', '.join(datasets)}); "
+                         "name one: demem_summary.py RUNS_DIR DATASET")
+    found = [(r, d) for r, d in found if dataset is None or dataset_of(r) == dataset]
+    models = frozenset(r["config"]["model"]["name"] for r, _ in found)
+    groups = defaultdict(list)
+    for rec, d in found:
+        groups[variant(rec, models)].append((rec, d))
     for runs in groups.values():
         runs.sort(key=lambda t: t[0]["config"]["seed"])
     return groups
 
 
-def main(root: Path, gaps: bool = False) -> None:
-    groups = groups_of(root)
+def main(root: Path, gaps: bool = False, dataset: str | None = None) -> int:
+    try:
+        groups = groups_of(root, dataset)
+    except ValueError as exc:
+        print(f"demem_summary: {exc}", file=sys.stderr)
+        return 2
+    if not groups:
+        print(f"demem_summary: no finished pgd-at / demem runs with MIA scores"
+              f"{' of ' + dataset if dataset else ''} in {root}", file=sys.stderr)
+        return 2
     print("| recipe | seeds | clean acc. % | AutoAttack acc. % | pooled AUC | TPR@1% | TPR@0.5% | TPR@lowest FPR "
           "(FPR) | activity % | mass | set % |")
     print("|" + "---|" * 11)
@@ -155,8 +188,10 @@ def main(root: Path, gaps: bool = False) -> None:
             print(f"| {name} | {fmt([x['train_acc'] for x in g])} | {fmt([x['test_acc'] for x in g])} | "
                   f"{fmt([x['robust_train_acc'] for x in g])} | {fmt([x['robust_test_acc'] for x in g])} | "
                   f"{fmt([x['robust_gap'] for x in g])} |")
+    return 0
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(Path(args[0]) if args else Path("runs-evidence-19"), gaps="--gaps" in sys.argv)
+    sys.exit(main(Path(args[0]) if args else Path("runs-evidence-19"), gaps="--gaps" in sys.argv,
+                  dataset=args[1] if len(args) > 1 else None))
