@@ -16,7 +16,12 @@ recipe -- model, defense and the defense settings that differ between runs (e.g.
 3. **Paired by seed** against the baseline recipe of the same model (default pgd-at): the
    mean difference over the seeds both have and a 95% t interval (scipy, n - 1 degrees of
    freedom; "n/a" with fewer than 2 pairs).
-4. Where the runs have them: the interpretation evaluator's AAI Kendall tau and robust
+4. Song, Shokri & Mittal's threshold attacks on the target alone: best-threshold balanced
+   accuracy (their metric: the threshold chosen on the evaluated data itself, optimistic) of
+   the benign-input loss attack and the adversarial-input robust-loss attack, their AUCs and
+   the label-only AUC (mean +- std over seeds), and the adversarial-input accuracy paired by
+   seed against ERM of the same model (their comparison: natural vs adversarially trained).
+5. Where the runs have them: the interpretation evaluator's AAI Kendall tau and robust
    accuracy at each radius, and the inversion evaluator's members' MSE of the prediction-only
    network (d), the best explanation's ExpMI network (g) and the counterfactual's.
 """
@@ -122,6 +127,23 @@ def main(argv=None) -> int:
         print(f"| {name} | {paired(g, base, 'clean.accuracy')} | {paired(g, base, 'robust.autoattack.accuracy')} | "
               f"{paired(g, base, 'mia.primary.auc', 1, 3)} | {paired(g, base, 'mia.primary.tpr_at_fpr.0.01', 100, 2)} | "
               f"{paired(g, base, 'mia.primary.tpr_at_fpr.0.001', 100, 2)} |")
+
+    song = [(n, g) for n, g in sorted(groups.items())
+            if any("mia.robust_loss.balanced_accuracy" in r["metrics"] for _, r in g.values())]
+    if song:
+        print("\n## threshold attacks on the target (Song et al.'s metric; mean ± std over seeds)\n")
+        print("| recipe | benign loss acc. % | adversarial robust-loss acc. % | loss AUC | robust-loss AUC |"
+              " label-only AUC | adversarial acc. − erm (points) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, g in song:
+            mm = [g[s][1]["metrics"] for s in sorted(g)]
+            base = groups.get(f"{name.split(' / ')[0]} / erm")
+            diff = "—" if base is None or base is g else paired(g, base, "mia.robust_loss.balanced_accuracy")
+            print(f"| {name} | {ms([value(m, 'mia.loss.balanced_accuracy') for m in mm])} | "
+                  f"{ms([value(m, 'mia.robust_loss.balanced_accuracy') for m in mm])} | "
+                  f"{ms([value(m, 'mia.loss.auc') for m in mm], 1, 3)} | "
+                  f"{ms([value(m, 'mia.robust_loss.auc') for m in mm], 1, 3)} | "
+                  f"{ms([value(m, 'mia.label_only.auc') for m in mm], 1, 3)} | {diff} |")
 
     interp = [(n, g) for n, g in sorted(groups.items())
               if any("interpretation.aai.kendall_tau" in r["metrics"] for _, r in g.values())]
