@@ -46,24 +46,37 @@ FPRS = (0.01, 0.001)
 value, ms = MS.value, MS.fmt_mean_sd
 
 
+def _fmt(k, v) -> str:
+    return f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+
+
 def recipe_of(rec, varying: dict) -> str:
+    """``model / defense (defense settings that vary) [training settings that vary]``: only the
+    settings that differ between the runs of one defense on one model name the recipe."""
     c = rec["config"]
     d = c["defense"]
-    extra = ", ".join(f"{k}={d['params'][k]:g}" if isinstance(d["params"][k], float) else f"{k}={d['params'][k]}"
-                      for k in sorted(varying.get((c["model"]["name"], d["name"]), ())))
-    name = f"{d['name']} ({extra})" if extra else d["name"]
+    dk, tk = varying.get((c["model"]["name"], d["name"]), ((), ()))
+    name = d["name"]
+    if dk:
+        name += " (" + ", ".join(_fmt(k, d["params"][k]) for k in sorted(dk)) + ")"
+    if tk:
+        name += " [" + ", ".join(_fmt(k, c["train"].get(k)) for k in sorted(tk)) + "]"
     return f"{c['model']['name']} / {name}"
 
 
 def load_runs(root: Path, dataset: str):
     runs = MS.finished_records(root, dataset)
-    # which defense settings vary within a defense on one model (they name the recipe)
-    seen = defaultdict(lambda: defaultdict(set))
+    # which defense and training settings vary within a defense on one model (they name the recipe)
+    seen = defaultdict(lambda: (defaultdict(set), defaultdict(set)))
     for _, rec in runs:
         d = rec["config"]["defense"]
+        ps, ts = seen[rec["config"]["model"]["name"], d["name"]]
         for k, v in d["params"].items():
-            seen[rec["config"]["model"]["name"], d["name"]][k].add(json.dumps(v, sort_keys=True))
-    varying = {name: {k for k, vs in ks.items() if len(vs) > 1} for name, ks in seen.items()}
+            ps[k].add(json.dumps(v, sort_keys=True))
+        for k, v in rec["config"].get("train", {}).items():
+            ts[k].add(json.dumps(v, sort_keys=True))
+    varying = {name: ({k for k, vs in ps.items() if len(vs) > 1}, {k for k, vs in ts.items() if len(vs) > 1})
+               for name, (ps, ts) in seen.items()}
     groups = defaultdict(dict)
     for run, rec in runs:
         groups[recipe_of(rec, varying)][seed_of(rec)] = (run, rec)
