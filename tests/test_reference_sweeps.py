@@ -55,12 +55,16 @@ def test_digits_reference_has_every_builtin_defense_times_three_seeds():
     assert defenses == builtin, f"missing {sorted(builtin - defenses)}, extra {sorted(defenses - builtin)}"
     by_recipe: dict[tuple, set[int]] = {}
     for p in points:
-        recipe = (p.cfg.defense, p.cfg.model, repr(p.cfg.defense_params))
+        recipe = (p.cfg.defense, p.cfg.model, repr(p.cfg.defense_params), repr(p.cfg.train))
         by_recipe.setdefault(recipe, set()).add(p.cfg.seed)
     assert all(seeds == {0, 1, 2} for seeds in by_recipe.values()), by_recipe
-    # DP-SGD at two privacy budgets
+    # DP-SGD at two privacy budgets, each at the shared learning rate; the budget whose shared
+    # rate diverges (eps = 1) also at its own (scripts/sweeps/dp_lr.toml), a recipe of 3 seeds above
     eps = {p.cfg.defense_params.target_epsilon for p in points if p.cfg.defense == "dp-sgd"}
     assert len(eps) == 2, eps
+    shared = {p.cfg.train.lr for p in points if p.cfg.defense in ("erm", "pgd-at", "trades") and p.cfg.model == "cnn8"}
+    dp_rates = {(p.cfg.defense_params.target_epsilon, p.cfg.train.lr) for p in points if p.cfg.defense == "dp-sgd"}
+    assert {(e, lr) for e in eps for lr in shared} <= dp_rates and len(dp_rates) > len(eps), dp_rates
     for p in points:
         assert p.cfg.dataset == "digits"
         assert {"clean", "autoattack", "mia", "interpretation", "inversion"} <= set(p.cfg.evaluators)
