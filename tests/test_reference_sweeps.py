@@ -82,6 +82,12 @@ def test_fashion_mnist_reference_has_every_builtin_defense_pooled_k8():
         mia = p.cfg.evaluator_params["mia"]
         assert mia.reference_models >= 8 and mia.pooled, p.label
         assert {"clean", "autoattack", "mia"} <= set(p.cfg.evaluators)
+    # every DP recipe at the shared learning rate and at its own (scripts/sweeps/dp_lr.toml)
+    rates: dict[tuple, set] = {}
+    for p in points:
+        if p.cfg.defense in ("dp-sgd", "dp-at"):
+            rates.setdefault((p.cfg.defense, p.cfg.defense_params.target_epsilon), set()).add(p.cfg.train.lr)
+    assert rates and all(len(r) == 2 for r in rates.values()), rates
 
 
 def _reference_tables():
