@@ -25,7 +25,6 @@ datasets or models are never pooled.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -50,32 +49,19 @@ def variant(rec, models=frozenset()) -> str:
     return f"{rec['config']['model']['name']} / {name}" if len(models) > 1 else name
 
 
-def dataset_of(rec):
-    ds = rec.get("config", {}).get("dataset")
-    return ds.get("name") if isinstance(ds, dict) else ds
-
-
 value, fmt = MS.value, MS.fmt_mean_sd
 
 
 def groups_of(root: Path, dataset: str | None = None):
     """Recipe -> [(record, run folder)] of the finished pgd-at / demem runs with MIA scores.
     ValueError (naming the datasets found) when ``dataset`` is None and the folder mixes several."""
-    found = []
-    for f in sorted(root.glob("*/record.json")):
-        try:
-            rec = json.loads(f.read_text())
-        except (OSError, ValueError) as exc:
-            print(f"skipping {f}: {exc}", file=sys.stderr)
-            continue
-        if rec.get("status") == "ok" and rec["config"]["defense"]["name"] in DEFENSES \
-                and (f.parent / "mia_scores.npz").exists():
-            found.append((rec, f.parent))
-    datasets = sorted({dataset_of(r) for r, _ in found})
+    found = [(rec, run) for run, rec in MS.finished_records(root)
+             if rec["config"]["defense"]["name"] in DEFENSES and (run / "mia_scores.npz").exists()]
+    datasets = sorted({MS.dataset_of(r) for r, _ in found})
     if dataset is None and len(datasets) > 1:
         raise ValueError(f"{root} holds pgd-at/demem runs of several datasets ({', '.join(datasets)}); "
                          "name one: demem_summary.py RUNS_DIR DATASET")
-    found = [(r, d) for r, d in found if dataset is None or dataset_of(r) == dataset]
+    found = [(r, d) for r, d in found if dataset is None or MS.dataset_of(r) == dataset]
     models = frozenset(r["config"]["model"]["name"] for r, _ in found)
     groups = defaultdict(list)
     for rec, d in found:

@@ -20,6 +20,7 @@ benchmarks.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections import defaultdict
@@ -32,7 +33,6 @@ import mia_split as MS  # noqa: E402
 def train_accuracy(run: Path) -> float:
     """Clean accuracy of the run's model on its training members (at_gaps' loaders)."""
     import at_gaps
-    import json
 
     from cfbench.store.models import load_model
 
@@ -43,8 +43,7 @@ def train_accuracy(run: Path) -> float:
 
 def recipe(rec) -> tuple:
     c = rec["config"]
-    d = c["dataset"]["name"] if isinstance(c["dataset"], dict) else c["dataset"]
-    return d, c["model"]["name"], c["defense"]["name"], c["defense"]["params"].get("target_epsilon")
+    return MS.dataset_of(rec), c["model"]["name"], c["defense"]["name"], c["defense"]["params"].get("target_epsilon")
 
 
 def fmt_ci(m, key) -> str:
@@ -58,11 +57,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     root = Path(argv[0] if argv else "evidence/dp-lr")
     groups = defaultdict(list)
-    for ds in ("digits", "fashion-mnist"):
-        for run, rec in MS.finished_records(root, ds):
-            if rec["config"]["defense"]["name"] in ("dp-sgd", "dp-at"):
-                rec["_train_acc"] = train_accuracy(run)
-                groups[recipe(rec)].append(rec)
+    for run, rec in MS.finished_records(root):
+        if rec["config"]["defense"]["name"] in ("dp-sgd", "dp-at"):
+            rec["_train_acc"] = train_accuracy(run)
+            groups[recipe(rec)].append(rec)
     if not groups:
         print(f"no finished dp-sgd / dp-at runs in {root}", file=sys.stderr)
         return 2

@@ -25,9 +25,15 @@ import numpy as np
 from cfbench.mia import metrics as M
 
 
-def finished_records(folder: Path, dataset: str) -> list[tuple[Path, dict]]:
-    """``(run folder, record)`` of every finished (status ok) run of ``dataset`` in ``folder``,
-    in folder order; an unreadable record is reported on stderr and skipped."""
+def dataset_of(rec: dict):
+    """The dataset name of a run record (``config.dataset`` is a name or a ``{"name": ...}`` dict)."""
+    ds = rec.get("config", {}).get("dataset")
+    return ds.get("name") if isinstance(ds, dict) else ds
+
+
+def finished_records(folder: Path, dataset: str | None = None) -> list[tuple[Path, dict]]:
+    """``(run folder, record)`` of every finished (status ok) run of ``dataset`` (None: of every
+    dataset) in ``folder``, in folder order; an unreadable record is reported on stderr and skipped."""
     import sys
 
     runs = []
@@ -37,8 +43,7 @@ def finished_records(folder: Path, dataset: str) -> list[tuple[Path, dict]]:
         except (OSError, ValueError) as exc:
             print(f"skipping {f}: {exc}", file=sys.stderr)
             continue
-        ds = r.get("config", {}).get("dataset")
-        if r.get("status") == "ok" and (ds.get("name") if isinstance(ds, dict) else ds) == dataset:
+        if r.get("status") == "ok" and (dataset is None or dataset_of(r) == dataset):
             runs.append((f.parent, r))
     return runs
 
